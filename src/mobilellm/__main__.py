@@ -1,0 +1,3 @@
+from mobilellm.cli import main
+
+raise SystemExit(main())

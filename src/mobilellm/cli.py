@@ -1,0 +1,42 @@
+"""`mobilellm <command>`: a thin dispatcher. Each command lives beside the code it drives and
+exposes `register(subparsers)`, which adds its parser and sets `func(args) -> int | None`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mobilellm import __version__
+from mobilellm.errors import MobileLLMError
+
+# Modules that provide a `register(subparsers)` function, in the order `--help` lists them.
+COMMAND_MODULES = [
+    "mobilellm.info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobilellm", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"mobilellm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MobileLLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
