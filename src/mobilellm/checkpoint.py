@@ -1,0 +1,269 @@
+"""Model directories: the one currency every stage reads and writes (DESIGN.md).
+
+Layouts we write:
+  * non-shared SwiGLU models: a plain `LlamaForCausalLM` directory (`config.json` with
+    `model_type: llama`, `model.safetensors`, tokenizer files) that transformers, llama.cpp's
+    converter and ExecuTorch tooling read unchanged; tied embeddings store no `lm_head.weight`.
+  * layer-shared (or ReLU-FFN) models: `model_type: mobilellm`, each physical block stored once,
+    with the official MobileLLM fields (`share_embedding`, `layer_sharing`) plus our full config
+    under the `mobilellm` key; `unroll=True` writes the equivalent plain Llama instead.
+
+Layouts we read: our own, the official MobileLLM checkpoints (`model_type: mobilellm`, fp16
+`pytorch_model.bin`, no output matrix) and Llama checkpoints (e.g. SmolLM2-135M).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mobilellm.config import ModelConfig
+from mobilellm.errors import MobileLLMError
+from mobilellm.fileio import atomic_dir, write_json_atomic
+from mobilellm.model import MobileLLM
+
+CONFIG_KEY = "mobilellm"  # our full ModelConfig inside config.json
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+# ---- config.json <-> ModelConfig ---------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MobileLLMError(f"{path} not found: not a model directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MobileLLMError(f"{path} is not valid JSON ({err})") from None
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Map a Llama or official MobileLLM config.json onto ModelConfig."""
+    if CONFIG_KEY in hf:
+        return ModelConfig.from_dict(hf[CONFIG_KEY])
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "mobilellm"):
+        raise MobileLLMError(f"unsupported model_type {model_type!r}: expected 'llama' or 'mobilellm'")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise MobileLLMError(f"unsupported hidden_act {hf['hidden_act']!r}: only SwiGLU (silu) Llama models load")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise MobileLLMError("unsupported checkpoint: attention/MLP biases (MobileLLM has none)")
+    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    try:
+        n_heads = hf["num_attention_heads"]
+        shared = model_type == "mobilellm" and bool(hf.get("layer_sharing", False))
+        if model_type == "mobilellm":
+            tied = bool(hf.get("share_embedding", True))  # official flag; tie_word_embeddings is False there
+        else:
+            tied = bool(hf.get("tie_word_embeddings", True))
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            ffn_dim=hf["intermediate_size"],
+            head_dim=hf.get("head_dim") if hf.get("head_dim") not in (None, hf["hidden_size"] // n_heads) else None,
+            tie_embeddings=tied,
+            layer_sharing="immediate" if shared else "none",  # official LS = each block twice in a row
+            share_repeats=2 if shared else 1,
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope_theta),
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            init_std=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=_first(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+    except KeyError as err:
+        raise MobileLLMError(f"config.json lacks the field {err.args[0]!r}") from None
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) and value else value
+
+
+def is_plain_llama(cfg: ModelConfig) -> bool:
+    return cfg.layer_sharing == "none" and cfg.ffn_type == "swiglu"
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    hf = {
+        "architectures": ["LlamaForCausalLM"] if is_plain_llama(cfg) else ["MobileLLMForCausalLM"],
+        "model_type": "llama" if is_plain_llama(cfg) else "mobilellm",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.attn_head_dim,
+        "hidden_act": "silu" if cfg.ffn_type == "swiglu" else "relu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if not is_plain_llama(cfg):  # the official MobileLLM fields
+        hf["share_embedding"] = cfg.tie_embeddings
+        hf["layer_sharing"] = cfg.layer_sharing != "none"
+        hf["tie_word_embeddings"] = False
+    hf[CONFIG_KEY] = cfg.to_dict()
+    return hf
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    return config_from_hf(_read_json(Path(path) / "config.json"))
+
+
+# ---- weights -------------------------------------------------------------------------------
+
+
+def _weights_file(directory: Path, hf: dict) -> Path:
+    present = [directory / f for f in WEIGHT_FILES if (directory / f).exists()]
+    if not present:
+        raise MobileLLMError(f"{directory} has no weights ({', '.join(WEIGHT_FILES)})")
+    official = hf.get("model_type") == "mobilellm" and CONFIG_KEY not in hf
+    if official and (directory / "pytorch_model.bin").exists():
+        # Some auto-converted official safetensors are wrong (PAPER.md §5): trust the .bin.
+        return directory / "pytorch_model.bin"
+    return present[0]
+
+
+def _load_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.name.endswith(".index.json"):
+            index = _read_json(file)
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(index.get("weight_map", {}).values())):
+                state.update(_load_state_dict(file.parent / shard))
+            return state
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except MobileLLMError:
+        raise
+    except FileNotFoundError:
+        raise MobileLLMError(f"weights file {file} not found") from None
+    except Exception as err:  # safetensors / pickle errors on truncated or corrupt files
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MobileLLMError(f"weights file {file} is truncated or corrupt ({first_line})") from None
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF keys (`model.layers.0...`, `lm_head.weight`) -> our module names (`layers.0...`)."""
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> MobileLLM:
+    """Build the model described by a model directory and load its weights (strict)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise MobileLLMError(f"model directory {directory} does not exist")
+    hf = _read_json(directory / "config.json")
+    cfg = config_from_hf(hf)
+    state = _strip_prefix(_load_state_dict(_weights_file(directory, hf)))
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # some tied checkpoints store a copy; ours is the embedding
+    with torch.device("meta"):
+        model = MobileLLM(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise MobileLLMError(
+            f"weights in {directory} do not match its config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise MobileLLMError(
+                f"weight {key} in {directory} has shape {tuple(state[key].shape)}, config expects {tuple(tensor.shape)}"
+            )
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ---- saving ----------------------------------------------------------------------------------
+
+
+def unrolled(model: MobileLLM) -> MobileLLM:
+    """The equivalent non-shared model: logical layer i gets a copy of block schedule[i]."""
+    cfg = model.config
+    flat = cfg.replace(n_layers=cfg.n_logical_layers, layer_sharing="none", share_repeats=1,
+                       source=(cfg.source + " (unrolled)").strip())
+    with torch.device("meta"):
+        out = MobileLLM(flat)
+    out = out.to_empty(device=model.output_weight.device)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("layers."):
+            continue
+        state[key] = value
+    for logical, physical in enumerate(model.schedule):
+        for key, value in model.layers[physical].state_dict().items():
+            state[f"layers.{logical}.{key}"] = value.clone()
+    out.load_state_dict(state, strict=True)
+    return out.to(model.output_weight.dtype).eval()
+
+
+def save_model_dir(model: MobileLLM, path: str | Path, tokenizer=None, *, unroll: bool = False,
+                   dtype: torch.dtype | None = None, generation_config: dict | None = None) -> Path:
+    """Write a complete model directory atomically (an existing one survives until the new one is whole).
+
+    tokenizer: a mobilellm.tokenizer.Tokenizer (its files are written) or a directory to copy
+    tokenizer files from. unroll: write a layer-shared model as a plain Llama with duplicated blocks.
+    """
+    from safetensors.torch import save_file
+
+    if unroll and model.config.layer_sharing != "none":
+        model = unrolled(model)
+    cfg = model.config
+    dtype = dtype or model.output_weight.dtype
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            state[key] = value
+        else:
+            state[f"model.{key}"] = value
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json_atomic(tmp / "config.json", config_to_hf(cfg, dtype))
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+        gen.update(generation_config or {})
+        write_json_atomic(tmp / "generation_config.json", gen)
+        _write_tokenizer(tokenizer, tmp)
+    return path
+
+
+def _write_tokenizer(tokenizer, directory: Path) -> None:
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, Path)):
+        src = Path(tokenizer)
+        for name in TOKENIZER_FILES + ("chat_template.jinja",):
+            if (src / name).exists():
+                (directory / name).write_bytes((src / name).read_bytes())
+        return
+    tokenizer.save(directory)
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "tokenizer.json").exists() or (p / "tokenizer.model").exists()
