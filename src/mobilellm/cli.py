@@ -13,6 +13,13 @@ from mobilellm.errors import MobileLLMError
 # Modules that provide a `register(subparsers)` function, in the order `--help` lists them.
 COMMAND_MODULES = [
     "mobilellm.info",
+    "mobilellm.tokenizer",
+    "mobilellm.data.prepare",
+    "mobilellm.train.cli",
+    "mobilellm.generate",
+    "mobilellm.chat",
+    "mobilellm.serve",
+    "mobilellm.eval.cli",
 ]
 
 
@@ -27,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.overrides = extras
     try:
         return int(args.func(args) or 0)
     except MobileLLMError as err:

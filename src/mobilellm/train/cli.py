@@ -1,0 +1,48 @@
+"""`mobilellm train --config run.yaml [--section.key value ...] [--resume auto]`."""
+
+from __future__ import annotations
+
+from mobilellm.errors import MobileLLMError
+from mobilellm.train.config import load
+
+
+def parse_overrides(extras: list[str]) -> list[str]:
+    """`--optim.lr 1e-3` / `--optim.lr=1e-3` -> ["optim.lr=1e-3"]."""
+    out, i = [], 0
+    while i < len(extras):
+        item = extras[i]
+        if not item.startswith("--") or "." not in item:
+            raise MobileLLMError(f"unexpected argument {item!r}: overrides look like --section.key value")
+        key = item[2:]
+        if "=" in key:
+            out.append(key)
+            i += 1
+            continue
+        if i + 1 >= len(extras):
+            raise MobileLLMError(f"override {item} needs a value")
+        out.append(f"{key}={extras[i + 1]}")
+        i += 2
+    return out
+
+
+def run(args) -> int:
+    from mobilellm.train.trainer import train
+
+    cfg = load(args.config, parse_overrides(getattr(args, "overrides", [])))
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if result is not None:  # None on non-main ranks
+        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f}s{val}")
+        print(f"final model: {result.final_dir}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a model (one CPU, one GPU, or torchrun DDP/FSDP2)",
+                       description="Train from a YAML config; override any key with --section.key value "
+                                   "(sections: model, data, batch, optim, schedule, run).")
+    p.add_argument("--config", help="YAML training config (see configs/)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest checkpoint of run.out_dir, default), a checkpoint dir, or none")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run, accepts_overrides=True)

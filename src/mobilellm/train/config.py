@@ -1,0 +1,258 @@
+"""TrainConfig: typed sections that YAML files and `--section.key value` overrides map onto.
+
+Defaults follow the paper's recipe (PAPER.md §3): AdamW (0.9, 0.95, eps 1e-8), weight decay 0.1
+not on norms, grad-clip 1.0, linear warmup then cosine to 0.1x peak, peak LR 2e-3 at
+1024 x 2048 tokens per step scaled linearly with the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mobilellm.config import ModelConfig, get_preset
+from mobilellm.errors import MobileLLMError
+
+PAPER_LR = 2e-3
+PAPER_BATCH_TOKENS = 1024 * 2048
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = "mobilellm-125m"  # a named preset, overridden field by field below
+    overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {vocab_size: 4096}
+    init_from: str | None = None  # a model directory to start from instead of random weights
+
+
+@dataclass
+class DataSection:
+    train: list = field(default_factory=list)  # prepared dataset dirs (manifest.json); several are concatenated
+    val: str | None = None  # dir whose "val" split is used; default: the first train dir
+    seq_len: int = 2048
+    num_workers: int = 0
+
+
+@dataclass
+class BatchSection:
+    micro_batch: int = 8  # sequences per rank per forward
+    grad_accum: int | None = None  # None: derived from global_batch_tokens
+    global_batch_tokens: int | None = None  # None: micro_batch * seq_len * world * grad_accum(=1)
+
+
+@dataclass
+class OptimSection:
+    lr: float | None = None  # None: 2e-3 scaled linearly with the global batch (paper)
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = True  # weight decay on the (shared) embedding matrix
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "cosine"  # "cosine" (paper) or "wsd" (warmup-stable-decay)
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd: last fraction of the steps decays linearly to the floor
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/train"
+    max_steps: int | None = None
+    max_tokens: int | None = None  # alternative to max_steps
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool | None = None  # None: on for GPU
+    activation_checkpointing: bool = False
+    loss_chunk_tokens: int = 8192  # fused linear + cross-entropy chunk (never materialises all logits)
+    distributed: str = "ddp"  # ddp | fsdp (used under torchrun)
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 20
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    milestone_every: int = 0  # checkpoints kept forever every N steps (0: none)
+    max_bad_steps: int = 5  # consecutive non-finite losses skipped before stopping
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # for MFU; None: measured on GPU at start
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+    def model_config(self) -> ModelConfig:
+        if self.model.preset:
+            return get_preset(self.model.preset, **self.model.overrides)
+        return ModelConfig.from_dict(self.model.overrides)
+
+    def validate(self) -> None:
+        if self.schedule.kind not in ("cosine", "wsd"):
+            raise MobileLLMError(f"schedule.kind must be 'cosine' or 'wsd', got {self.schedule.kind!r}")
+        if self.run.distributed not in ("ddp", "fsdp"):
+            raise MobileLLMError(f"run.distributed must be 'ddp' or 'fsdp', got {self.run.distributed!r}")
+        if self.run.precision not in ("auto", "fp32", "bf16"):
+            raise MobileLLMError(f"run.precision must be auto, fp32 or bf16, got {self.run.precision!r}")
+        if self.run.max_steps is None and self.run.max_tokens is None:
+            raise MobileLLMError("set run.max_steps or run.max_tokens")
+        if not self.data.train:
+            raise MobileLLMError("data.train is empty: give one or more prepared dataset directories (mobilellm prepare)")
+        for name in ("seq_len",):
+            if getattr(self.data, name) <= 0:
+                raise MobileLLMError(f"data.{name} must be positive")
+        if self.batch.micro_batch <= 0:
+            raise MobileLLMError("batch.micro_batch must be positive")
+        if not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise MobileLLMError("schedule.min_lr_ratio must be within [0, 1]")
+
+    def batch_plan(self, world_size: int) -> tuple[int, int]:
+        """(grad_accum, global batch in sequences), checking that the split is possible."""
+        per_step = self.batch.micro_batch * world_size
+        if self.batch.global_batch_tokens is not None:
+            global_seqs, rem = divmod(self.batch.global_batch_tokens, self.data.seq_len)
+            if rem or global_seqs % per_step:
+                raise MobileLLMError(
+                    f"batch.global_batch_tokens={self.batch.global_batch_tokens} is not a multiple of "
+                    f"micro_batch x seq_len x world_size = {self.batch.micro_batch} x {self.data.seq_len} x {world_size}"
+                )
+            accum = global_seqs // per_step
+            if self.batch.grad_accum is not None and self.batch.grad_accum != accum:
+                raise MobileLLMError(
+                    f"batch.grad_accum={self.batch.grad_accum} contradicts global_batch_tokens (needs {accum})"
+                )
+            return accum, global_seqs
+        accum = self.batch.grad_accum or 1
+        if accum <= 0:
+            raise MobileLLMError("batch.grad_accum must be positive")
+        return accum, per_step * accum
+
+    def peak_lr(self, global_tokens: int) -> float:
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return PAPER_LR * global_tokens / PAPER_BATCH_TOKENS
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _section_types(section_cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _coerce(value, hint, where: str):
+    """Coerce YAML/CLI values onto the field's type (strings from the command line included)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if isinstance(value, str) and hint is not str:
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        value = yaml.safe_load(value)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise MobileLLMError(f"{where} cannot be null")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except MobileLLMError:
+                continue
+        raise MobileLLMError(f"{where}: {value!r} is not a valid {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise MobileLLMError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise MobileLLMError(f"{where} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, str):  # YAML reads "3e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise MobileLLMError(f"{where} must be a number, got {value!r}")
+    if hint is str:
+        return str(value)
+    if hint is list or origin is list:
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise MobileLLMError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise MobileLLMError(f"{where} must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(data: dict) -> TrainConfig:
+    cfg = TrainConfig()
+    if not isinstance(data, dict):
+        raise MobileLLMError("training config must be a mapping of sections")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise MobileLLMError(f"unknown config section {section!r}; sections are {sorted(SECTIONS)}")
+        for key, value in (values or {}).items():
+            set_value(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+def set_value(cfg: TrainConfig, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    if len(parts) < 2 or parts[0] not in SECTIONS:
+        raise MobileLLMError(f"unknown config key {dotted!r}; use <section>.<key> with sections {sorted(SECTIONS)}")
+    section_name, key = parts[0], parts[1]
+    section = getattr(cfg, section_name)
+    hints = _section_types(type(section))
+    if key not in hints:
+        raise MobileLLMError(f"unknown config key {dotted!r}; {section_name} has {sorted(hints)}")
+    if len(parts) > 2:  # model.overrides.vocab_size
+        if hints[key] is not dict and typing.get_origin(hints[key]) is not dict:
+            raise MobileLLMError(f"config key {dotted!r}: {section_name}.{key} is not a mapping")
+        getattr(section, key)[".".join(parts[2:])] = yaml.safe_load(value) if isinstance(value, str) else value
+        return
+    setattr(section, key, _coerce(value, hints[key], dotted))
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML file (optional) then `section.key=value` overrides, in order."""
+    data = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MobileLLMError(f"training config {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise MobileLLMError(f"training config {p} is not valid YAML ({str(err).splitlines()[0]})") from None
+    cfg = from_dict(data)
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        set_value(cfg, key, value)
+    return cfg

@@ -1,0 +1,106 @@
+"""torch.distributed set-up for torchrun launches, and wrapping with DDP or FSDP2.
+
+One code path: a plain `python -m mobilellm train` is a world of size 1; under torchrun every
+process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mobilellm.errors import MobileLLMError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        """Average a Python float over ranks."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def all_true(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t)
+        return t.item() == 0
+
+
+def setup(device_pref: str = "auto") -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_pref == "auto":
+        device_pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_pref == "cuda":
+        if not torch.cuda.is_available():
+            raise MobileLLMError("run.device=cuda but no CUDA device is available; use run.device=cpu")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    elif device_pref == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise MobileLLMError(f"run.device must be auto, cpu or cuda, got {device_pref!r}")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(module: nn.Module, blocks: nn.ModuleList, strategy: str, env: Dist, shard_blocks: bool) -> nn.Module:
+    """DDP or FSDP2 around the loss module. Shared parameters stay single tensors: DDP keeps the
+    module as is; FSDP2 shards each physical block (once, however often it runs) and the root."""
+    if not env.enabled:
+        return module
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    if shard_blocks:
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(module)  # the root holds the embedding (shared with the output layer) and the final norm
+    return module
+
+
+def set_grad_sync(wrapped: nn.Module, enabled: bool):
+    """Context for gradient accumulation: skip the all-reduce on all but the last micro-batch."""
+    import contextlib
+
+    if hasattr(wrapped, "no_sync"):  # DDP
+        return contextlib.nullcontext() if enabled else wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()

@@ -1,0 +1,397 @@
+"""The training loop: one code path for a CPU, one GPU and many GPUs/nodes under torchrun.
+
+Per step: `grad_accum` micro-batches per rank (gradient sync only on the last), loss straight from
+hidden states (fused linear + cross-entropy), clip, AdamW, schedule. Non-finite losses skip the
+update; too many in a row stop the run with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from mobilellm.checkpoint import load_model_dir, save_model_dir
+from mobilellm.errors import MobileLLMError
+from mobilellm.fileio import write_text_atomic
+from mobilellm.model import MobileLLM
+from mobilellm.train import state as run_state
+from mobilellm.train.config import TrainConfig
+from mobilellm.train.distributed import Dist, set_grad_sync, setup, teardown, wrap
+from mobilellm.train.loss import linear_cross_entropy
+from mobilellm.train.optim import build_optimizer, lr_at
+
+
+class CausalLMLoss(nn.Module):
+    """The model plus its loss, so DDP/FSDP wrap one module whose forward returns the loss."""
+
+    def __init__(self, model: MobileLLM, chunk_tokens: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.compute_dtype = compute_dtype
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.hidden_states(inputs)  # (B, T, dim)
+        return linear_cross_entropy(hidden, self.model.output_weight, targets, self.chunk_tokens, self.compute_dtype)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    tokens: int
+    losses: list = field(default_factory=list)  # (step, loss) of this process's run
+    val_loss: float | None = None
+    elapsed_s: float = 0.0
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def open_data(cfg: TrainConfig, vocab_size: int):
+    from mobilellm.data.loader import PackedTokens, check_tokenizer_matches
+
+    if len(cfg.data.train) != 1:
+        raise MobileLLMError("data.train takes exactly one prepared dataset directory (mix sources at prepare time)")
+    train_dir = cfg.data.train[0]
+    train = PackedTokens(train_dir, "train", cfg.data.seq_len)
+    check_tokenizer_matches(train.manifest, vocab_size, None)
+    val_dir = cfg.data.val or train_dir
+    val = None
+    try:
+        val = PackedTokens(val_dir, "val", cfg.data.seq_len)
+        if len(val) == 0:
+            val = None
+    except MobileLLMError:
+        if cfg.data.val:  # asked for explicitly: the error matters
+            raise
+    if val is not None:
+        check_tokenizer_matches(val.manifest, vocab_size, train.tokenizer_fingerprint)
+    return train, val
+
+
+def tokenizer_for(dataset_dir: str):
+    """The tokenizer the data was prepared with (stored beside the manifest), for model dirs."""
+    from mobilellm.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(dataset_dir)
+    except MobileLLMError:
+        return None
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def measure_peak_tflops(device: torch.device) -> float | None:
+    """bf16 matmul throughput of this GPU, the denominator of MFU."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0, iters = time.perf_counter(), 20
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+class MetricsLog:
+    """JSONL always; TensorBoard when available; only on the main rank."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+@torch.no_grad()
+def validation_loss(loss_module: CausalLMLoss, val, cfg: TrainConfig, env: Dist, autocast) -> float | None:
+    from mobilellm.data.loader import validation_batches
+
+    if val is None:
+        return None
+    was_training = loss_module.training
+    loss_module.eval()
+    total, rows = 0.0, 0
+    for inputs, targets in validation_batches(val, cfg.batch.micro_batch, cfg.run.eval_batches, env.rank,
+                                              env.world_size):
+        n = inputs.shape[0]
+        if n == 0:  # high ranks can get an empty last batch; run a dummy row so collectives stay in step
+            inputs, targets = val.batch([0])[:, :-1], val.batch([0])[:, 1:]
+            inputs, targets = torch.as_tensor(inputs, dtype=torch.long), torch.as_tensor(targets, dtype=torch.long)
+        with autocast():
+            loss = loss_module(inputs.to(env.device), targets.to(env.device)).item()
+        total += loss * n
+        rows += n
+    loss_module.train(was_training)
+    total, rows = env.mean(total) * env.world_size, env.mean(rows) * env.world_size
+    return total / rows if rows else None
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, resume: str | None = "auto", progress: bool = True) -> TrainResult:
+    cfg.validate()
+    env = setup(cfg.run.device)
+    try:
+        return _train(cfg, env, resume, progress)
+    finally:
+        teardown()
+
+
+def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> TrainResult:
+    started = time.perf_counter()
+    run_dir = Path(cfg.run.out_dir)
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+    if cfg.model.init_from:
+        model = load_model_dir(cfg.model.init_from)
+        model_cfg = model.config  # the directory's shape wins over the preset
+    else:
+        model_cfg = cfg.model_config()
+        model = MobileLLM(model_cfg)
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise MobileLLMError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    accum, global_seqs = cfg.batch_plan(env.world_size)
+    tokens_per_step = global_seqs * cfg.data.seq_len
+    total_steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / tokens_per_step)
+    peak_lr = cfg.peak_lr(tokens_per_step)
+    train_data, val_data = open_data(cfg, model_cfg.vocab_size)
+    tokenizer = tokenizer_for(cfg.data.train[0])
+
+    use_cuda = env.device.type == "cuda"
+    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and use_cuda)
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def autocast():
+        return torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    # ---- model, wrapping, optimizer
+    model.to(env.device).train()
+    model.activation_checkpointing = cfg.run.activation_checkpointing
+    loss_module = CausalLMLoss(model, cfg.run.loss_chunk_tokens, compute_dtype)
+    if cfg.run.compile if cfg.run.compile is not None else use_cuda:
+        for block in model.layers:  # one compiled graph serves every (shared) block
+            block.compile()
+    wrapped = wrap(loss_module, model.layers, cfg.run.distributed, env, shard_blocks=model_cfg.layer_sharing == "none")
+    optimizer = build_optimizer(model, cfg, peak_lr, env.device)
+
+    step, tokens_seen = 0, 0
+    from mobilellm.data.loader import BatchStream
+
+    stream = BatchStream(train_data, cfg.batch.micro_batch, rank=env.rank, world_size=env.world_size,
+                         seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_state.remove_partial_saves(run_dir)
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
+            {**cfg.to_dict(), "resolved": {"model": model_cfg.to_dict(), "world_size": env.world_size,
+                                          "grad_accum": accum, "global_batch_seqs": global_seqs,
+                                          "tokens_per_step": tokens_per_step, "total_steps": total_steps,
+                                          "peak_lr": peak_lr}}, sort_keys=False))
+    checkpoint = run_state.resolve_resume(run_dir, resume)
+    if checkpoint is not None:
+        step, tokens_seen = _restore(checkpoint, model, optimizer, stream, env, model_cfg)
+    env.barrier()
+
+    def model_writer(full_state: dict):
+        def write(directory: Path) -> None:
+            with torch.device("meta"):
+                cpu_model = MobileLLM(model_cfg)
+            cpu_model = cpu_model.to_empty(device="cpu")
+            cpu_model.load_state_dict({k: v.float() for k, v in full_state.items()})
+            save_model_dir(cpu_model, directory, tokenizer=tokenizer)
+        return write
+
+    def save_checkpoint() -> None:
+        model_state, optim_state = _full_state(model, optimizer, env, with_optimizer=True)
+        if env.is_main:
+            trainer_state = {"step": step, "tokens": tokens_seen, "optimizer": optim_state,
+                             "data": stream.state_dict(), "rng": run_state.rng_state(),
+                             "model_config": model_cfg.to_dict(), "world_size": env.world_size}
+            run_state.save(run_dir, step, model_writer(model_state), trainer_state, cfg.run.keep_last,
+                           cfg.run.milestone_every)
+        env.barrier()
+
+    def write_final_model() -> None:
+        model_state = _full_state(model, optimizer, env, with_optimizer=False)[0]
+        if env.is_main:
+            model_writer(model_state)(result.final_dir)
+        env.barrier()
+
+    log = MetricsLog(run_dir, env.is_main, cfg.run.tensorboard)
+    peak_tflops = cfg.run.peak_tflops or measure_peak_tflops(env.device)
+    flops_per_token = 3 * model_cfg.flops_per_token(cfg.data.seq_len)
+    bar = None
+    if progress and env.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
+
+    result = TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=step, tokens=tokens_seen)
+    batches = iter(stream)
+    bad_steps, last_saved = 0, step if checkpoint is not None else -1
+    interval_t0, interval_tokens = time.perf_counter(), 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        while step < total_steps:
+            lr = lr_at(step, total_steps, peak_lr, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=env.device)
+            for micro in range(accum):
+                inputs, targets = next(batches)
+                inputs = inputs.to(env.device, non_blocking=True)
+                targets = targets.to(env.device, non_blocking=True)
+                with set_grad_sync(wrapped, micro == accum - 1), autocast():
+                    loss = wrapped(inputs, targets)
+                    (loss / accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
+                                                        else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
+            loss_value = env.mean((loss_sum / accum).item())
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm.item())
+            if finite:
+                optimizer.step()
+                bad_steps = 0
+            else:
+                bad_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            interval_tokens += tokens_per_step
+            result.losses.append((step, loss_value))
+            if not finite and bad_steps > cfg.run.max_bad_steps:
+                found = run_state.checkpoints(run_dir)
+                keep = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was saved yet"
+                raise MobileLLMError(f"loss was not finite for {bad_steps} consecutive steps (at step {step}); "
+                                     f"stopping: {keep}. Lower optim.lr or check the data")
+
+            if step % cfg.run.log_every == 0 or step == total_steps:
+                if use_cuda:
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                tok_s = interval_tokens / max(now - interval_t0, 1e-9)
+                interval_t0, interval_tokens = now, 0
+                record = {"step": step, "tokens": tokens_seen, "loss": loss_value, "lr": lr,
+                          "grad_norm": grad_norm.item(), "tok_per_s": tok_s,
+                          "peak_mem_gib": peak_memory_gib(env.device), "skipped": not finite}
+                if peak_tflops:
+                    record["mfu"] = tok_s * flops_per_token / (peak_tflops * 1e12 * env.world_size)
+                log.write(record)
+                if bar is not None:
+                    eta = (total_steps - step) * tokens_per_step / max(tok_s, 1e-9)
+                    post = {"loss": f"{loss_value:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}",
+                            "tokens": f"{tokens_seen:,}", "eta": f"{eta / 60:.1f}m"}
+                    if "mfu" in record:
+                        post["mfu"] = f"{record['mfu']:.1%}"
+                    bar.set_postfix(post, refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
+                val_loss = validation_loss(loss_module, val_data, cfg, env, autocast)
+                if val_loss is not None:
+                    log.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            # no periodic saves inside a run of skipped steps: they could rotate out the good ones
+            if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total_steps and bad_steps == 0:
+                save_checkpoint()
+                last_saved = step
+    except KeyboardInterrupt:
+        if step > 0 and last_saved != step:
+            save_checkpoint()  # resume with --resume auto
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    result.val_loss = validation_loss(loss_module, val_data, cfg, env, autocast)
+    if result.val_loss is not None:
+        log.write({"step": step, "val_loss": result.val_loss, "val_ppl": math.exp(min(result.val_loss, 50))})
+    if last_saved != step:
+        save_checkpoint()
+    write_final_model()
+    env.barrier()
+    log.close()
+    result.steps, result.tokens = step, tokens_seen
+    result.elapsed_s = time.perf_counter() - started
+    return result
+
+
+def _full_state(model: MobileLLM, optimizer, env: Dist, with_optimizer: bool):
+    """Full (unsharded) model and optimizer state on the main rank, whatever the wrapping."""
+    if not env.enabled:
+        return model.state_dict(), (optimizer.state_dict() if with_optimizer else None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if with_optimizer:
+        return get_state_dict(model, optimizer, options=options)
+    return get_model_state_dict(model, options=options), None
+
+
+def _restore(checkpoint: Path, model: MobileLLM, optimizer, stream, env: Dist, model_cfg) -> tuple[int, int]:
+    saved = run_state.load_trainer_state(checkpoint)
+    if saved.get("model_config") != model_cfg.to_dict():
+        raise MobileLLMError(f"checkpoint {checkpoint} was made with another model config; "
+                             "use a new run.out_dir or the same model settings")
+    weights = load_model_dir(checkpoint / "model").state_dict()
+    if env.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=saved["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(saved["optimizer"])
+    stream.load_state_dict(saved["data"])
+    if saved.get("world_size", 1) == env.world_size:
+        run_state.set_rng_state(saved["rng"])
+    return saved["step"], saved["tokens"]
