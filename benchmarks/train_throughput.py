@@ -5,7 +5,7 @@ optimizer steps on random tokens; the first steps (compilation, allocator warm-u
 
     python benchmarks/train_throughput.py --presets mobilellm-125m mobilellm-350m --global-batch 32
 
-Ours: MobileLLM blocks compiled one by one, bf16 autocast, SDPA (flash) attention, fused linear +
+Ours: MobileLLM blocks compiled one by one, bf16 autocast with a bf16 residual stream, SDPA (flash) attention, fused linear +
 cross-entropy (no full logits tensor), fused AdamW, grad-clip 1.0 -- the code path of
 `mobilellm train`. Baseline: transformers LlamaForCausalLM with the same shape and tied
 embeddings, SDPA, bf16 autocast, torch.compile, AdamW, its own loss (`labels=`).
@@ -45,6 +45,7 @@ def worker(args) -> dict:
         model = MobileLLM(cfg).to(device).train()
         model.activation_checkpointing = args.ac
         loss_module = CausalLMLoss(model, args.loss_chunk, torch.bfloat16)
+        model.residual_dtype = torch.bfloat16  # the trainer's default under bf16 (run.fp32_residual: false)
         for block in model.layers:
             block.compile()
         optimizer = build_optimizer(model, TrainConfig(), 1e-3, device)

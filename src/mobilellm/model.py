@@ -150,6 +150,7 @@ class MobileLLM(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.schedule = config.schedule  # physical block index for each logical layer
         self.activation_checkpointing = False
+        self.residual_dtype: torch.dtype | None = None  # e.g. bf16 in mixed-precision training: half the traffic
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -191,6 +192,8 @@ class MobileLLM(nn.Module):
                 mask = key_pos[None, :] <= (start + torch.arange(T, device=tokens.device))[:, None]
 
         x = self.embed_tokens(tokens)  # (B, T, dim)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         for layer, block_idx in enumerate(self.schedule):
             block = self.layers[block_idx]
             if self.activation_checkpointing and self.training and cache is None:

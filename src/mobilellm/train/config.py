@@ -66,11 +66,13 @@ class RunSection:
     out_dir: str = "runs/train"
     max_steps: int | None = None
     max_tokens: int | None = None  # alternative to max_steps
+    time_limit_minutes: float | None = None  # stop early (and save) when this much wall time has passed
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool | None = None  # None: on for GPU
     activation_checkpointing: bool = False
+    fp32_residual: bool = False  # under bf16, keep the residual stream in fp32 (default: bf16, less traffic)
     loss_chunk_tokens: int = 8192  # fused linear + cross-entropy chunk (never materialises all logits)
     distributed: str = "ddp"  # ddp | fsdp (used under torchrun)
     log_every: int = 10

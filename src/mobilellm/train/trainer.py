@@ -50,6 +50,7 @@ class TrainResult:
     final_dir: Path
     steps: int
     tokens: int
+    stopped_early: bool = False  # the time limit ended the run before max_steps
     losses: list = field(default_factory=list)  # (step, loss) of this process's run
     val_loss: float | None = None
     elapsed_s: float = 0.0
@@ -215,6 +216,8 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> T
     # ---- model, wrapping, optimizer
     model.to(env.device).train()
     model.activation_checkpointing = cfg.run.activation_checkpointing
+    if bf16 and not cfg.run.fp32_residual:
+        model.residual_dtype = torch.bfloat16
     loss_module = CausalLMLoss(model, cfg.run.loss_chunk_tokens, compute_dtype)
     if cfg.run.compile if cfg.run.compile is not None else use_cuda:
         for block in model.layers:  # one compiled graph serves every (shared) block
@@ -336,6 +339,11 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> T
                     bar.set_postfix(post, refresh=False)
             if bar is not None:
                 bar.update(1)
+            if cfg.run.time_limit_minutes:
+                over = time.perf_counter() - started > 60 * cfg.run.time_limit_minutes
+                if not env.all_true(not over):  # any rank past the limit: all stop at the same step
+                    result.stopped_early = step < total_steps
+                    break
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
                 val_loss = validation_loss(loss_module, val_data, cfg, env, autocast)
                 if val_loss is not None:
