@@ -226,3 +226,14 @@ def test_fused_loss_matches_cross_entropy():
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(gh, h.grad)
     torch.testing.assert_close(gw, w.grad)
+
+
+@pytest.mark.parametrize("name", ["mobilellm-125m", "mobilellm-125m-ls", "mobilellm-350m", "cpu-tiny"])
+def test_shipped_configs_load(name):
+    from conftest import REPO
+
+    cfg = train_config.load(REPO / "configs" / f"{name}.yaml", ["data.train=[somewhere]"])
+    cfg.validate()
+    cfg.model_config()
+    if name != "cpu-tiny":  # the paper's global batch and LR on 32 GPUs
+        assert cfg.batch_plan(32) == (2, 1024) and cfg.peak_lr(1024 * 2048) == pytest.approx(2e-3)

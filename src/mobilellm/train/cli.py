@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from mobilellm.errors import MobileLLMError
 from mobilellm.train.config import load
 
@@ -30,7 +32,7 @@ def run(args) -> int:
 
     cfg = load(args.config, parse_overrides(getattr(args, "overrides", [])))
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if result is not None:  # None on non-main ranks
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per run, not per process
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f}s{val}")
         print(f"final model: {result.final_dir}")
