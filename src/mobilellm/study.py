@@ -1,0 +1,359 @@
+"""`mobilellm study <spec.yaml>`: train and evaluate model variants under one recipe, then compare.
+
+A spec names the data, one training recipe shared by every variant, the evaluation, and the
+variants (a preset plus ModelConfig overrides each). Every variant is trained with the same data,
+tokens, schedule and seed, evaluated, and tabulated; finished variants are not redone, and an
+interrupted one resumes from its newest checkpoint.
+
+    <out>/data/                      prepared data (when the spec has a `prepare` section)
+    <out>/runs/<variant>/            a training run (config, metrics, checkpoints, final/) + eval.json
+    <out>/results.{md,csv,json}      the table
+    <out>/loss_curves.png, loss_vs_depth.png, accuracy_vs_params.png
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mobilellm.errors import MobileLLMError
+from mobilellm.fileio import atomic_path, write_json_atomic, write_text_atomic
+
+ZERO_SHOT = ("arc_easy", "arc_challenge", "boolq", "piqa", "siqa", "hellaswag", "openbookqa", "winogrande")
+
+
+@dataclass
+class Variant:
+    name: str
+    model: dict  # {preset: ..., overrides: {...}}
+    train: dict = field(default_factory=dict)  # extra "section.key: value" overrides for this variant
+    seeds: list = field(default_factory=lambda: [None])  # None: the recipe's seed
+    budget_exempt: bool = False  # e.g. an untied-embedding variant that adds parameters on purpose
+
+    def runs(self) -> list[tuple[str, int | None]]:
+        if self.seeds == [None]:
+            return [(self.name, None)]
+        return [(f"{self.name}@seed{s}", s) for s in self.seeds]
+
+
+@dataclass
+class StudySpec:
+    name: str
+    variants: list[Variant]
+    train: dict  # {section: {key: value}} shared by every variant
+    data: str | None = None  # an already prepared data folder
+    prepare: dict | None = None  # {inputs: [...], tokenizer: path, val_fraction: ..., text_field: ...}
+    eval: dict = field(default_factory=lambda: {"tasks": ["val"]})
+    param_budget: dict | None = None  # {target: int, tolerance: 0.1}
+    description: str = ""
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand(value):
+    """`${VAR}` / `${VAR:-default}` in every string of the spec (data folders differ per machine)."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [expand(v) for v in value]
+    if isinstance(value, dict):
+        return {k: expand(v) for k, v in value.items()}
+    return value
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    p = Path(path)
+    if not p.is_file():
+        raise MobileLLMError(f"study spec {p} not found")
+    try:
+        raw = expand(yaml.safe_load(p.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError as err:
+        raise MobileLLMError(f"study spec {p} is not valid YAML ({str(err).splitlines()[0]})") from None
+    known = {"name", "description", "variants", "train", "data", "prepare", "eval", "param_budget"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise MobileLLMError(f"study spec {p}: unknown keys {unknown}; known keys are {sorted(known)}")
+    if not raw.get("variants"):
+        raise MobileLLMError(f"study spec {p} lists no variants")
+    if bool(raw.get("data")) == bool(raw.get("prepare")):
+        raise MobileLLMError(f"study spec {p}: give exactly one of `data` (a prepared folder) or `prepare`")
+    variants = []
+    for item in raw["variants"]:
+        if not isinstance(item, dict) or "name" not in item or "model" not in item:
+            raise MobileLLMError(f"study spec {p}: every variant needs a name and a model section, got {item!r}")
+        extra = sorted(set(item) - {"name", "model", "train", "seeds", "budget_exempt"})
+        if extra:
+            raise MobileLLMError(f"study spec {p}: variant {item['name']!r} has unknown keys {extra}")
+        variants.append(Variant(name=str(item["name"]), model=item["model"], train=item.get("train") or {},
+                                seeds=item.get("seeds") or [None], budget_exempt=bool(item.get("budget_exempt"))))
+    names = [n for v in variants for n, _ in v.runs()]
+    if len(set(names)) != len(names):
+        raise MobileLLMError(f"study spec {p}: variant names must be unique")
+    return StudySpec(name=str(raw.get("name") or p.stem), description=raw.get("description", ""),
+                     variants=variants, train=raw.get("train") or {}, data=raw.get("data"),
+                     prepare=raw.get("prepare"), eval=raw.get("eval") or {"tasks": ["val"]},
+                     param_budget=raw.get("param_budget"))
+
+
+def _overrides(sections: dict) -> list[str]:
+    out = []
+    for section, values in sections.items():
+        if not isinstance(values, dict):
+            raise MobileLLMError(f"study spec: train.{section} must be a mapping")
+        for key, value in values.items():
+            if isinstance(value, (list, dict)):
+                value = json.dumps(value)
+            out.append(f"{section}.{key}={value}")
+    return out
+
+
+def variant_config(spec: StudySpec, variant: Variant, seed: int | None, data_dir: Path, run_dir: Path):
+    from mobilellm.train import config as train_config
+
+    items = _overrides(spec.train) + _overrides(variant.train)
+    model = dict(variant.model)
+    items.append(f"model.preset={model.pop('preset', None)}")
+    for key, value in (model.pop("overrides", None) or {}).items():
+        items.append(f"model.overrides.{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}")
+    if model:
+        raise MobileLLMError(f"variant {variant.name!r}: model takes preset and overrides, got {sorted(model)}")
+    items += [f"data.train=[{data_dir}]", f"run.out_dir={run_dir}"]
+    if seed is not None:
+        items.append(f"run.seed={seed}")
+    cfg = train_config.load(None, items)
+    cfg.validate()
+    return cfg
+
+
+def check_budget(spec: StudySpec, configs: dict) -> None:
+    """configs: run name -> (variant, TrainConfig)."""
+    if not spec.param_budget:
+        return
+    target = float(spec.param_budget["target"])
+    tolerance = float(spec.param_budget.get("tolerance", 0.1))
+    for variant, cfg in configs.values():
+        n = cfg.model_config().num_params()
+        if not variant.budget_exempt and abs(n - target) > tolerance * target:
+            raise MobileLLMError(f"variant {variant.name!r} has {n:,} parameters, outside the budget "
+                                 f"{target:,.0f} +/- {tolerance:.0%}; change its shape or mark it budget_exempt")
+
+
+def prepare_data(spec: StudySpec, out: Path) -> Path:
+    if spec.data:
+        return Path(spec.data)
+    data_dir = out / "data"
+    if (data_dir / "manifest.json").exists():
+        return data_dir
+    from mobilellm.data.prepare import prepare
+
+    p = dict(spec.prepare)
+    inputs, tokenizer = p.pop("inputs", None), p.pop("tokenizer", None)
+    if not inputs or not tokenizer:
+        raise MobileLLMError("study spec: prepare needs inputs and tokenizer")
+    prepare(inputs, tokenizer, data_dir, **p)
+    return data_dir
+
+
+def run_variant(spec: StudySpec, variant: Variant, run_name: str, cfg, data_dir: Path, out: Path) -> dict:
+    """Train (or resume) and evaluate one run; reuse both when already done."""
+    from mobilellm.checkpoint import load_model_dir
+    from mobilellm.eval.evaluator import evaluate
+    from mobilellm.tokenizer import load_tokenizer
+    from mobilellm.train.trainer import train
+
+    run_dir = Path(cfg.run.out_dir)
+    done = run_dir / "eval.json"
+    if done.exists():
+        print(f"study: {run_name}: done, reusing {run_dir}")
+        return json.loads(done.read_text())
+    print(f"study: {run_name}: training")
+    started = time.perf_counter()
+    result = train(cfg, resume="auto", progress=True)
+    train_s = time.perf_counter() - started
+    model = load_model_dir(result.final_dir)
+    ev = dict(spec.eval)
+    tasks = ev.pop("tasks", ["val"])
+    report = evaluate(model, load_tokenizer(result.final_dir), tasks, data_dir=ev.pop("data_dir", None),
+                      manifest=data_dir, seq_len=cfg.data.seq_len, limit=ev.pop("limit", None),
+                      batch_size=ev.pop("batch_size", 32), progress=True)
+    if ev:
+        raise MobileLLMError(f"study spec: unknown eval keys {sorted(ev)}")
+    mc = model.config
+    record = {
+        "run": run_name, "variant": variant.name, "seed": cfg.run.seed, "params": mc.num_params(),
+        "dim": mc.dim, "layers": mc.n_layers, "logical_layers": mc.n_logical_layers, "heads": mc.n_heads,
+        "kv_heads": mc.n_kv_heads, "ffn": mc.ffn_dim, "ffn_type": mc.ffn_type, "tied": mc.tie_embeddings,
+        "sharing": mc.layer_sharing if mc.layer_sharing == "none" else f"{mc.layer_sharing}x{mc.share_repeats}",
+        "steps": result.steps, "tokens": result.tokens, "train_seconds": round(train_s, 1),
+        "final_train_loss": result.losses[-1][1] if result.losses else None,
+        "results": report["results"],
+    }
+    write_json_atomic(done, record)
+    return record
+
+
+def headline(results: dict) -> dict:
+    """One number per task: val/wikitext2 perplexity, lambada and zero-shot accuracy (%)."""
+    row = {}
+    for task, res in results.items():
+        if task == "val":
+            row["val_loss"] = res.get("loss")
+            row["val_ppl"] = res.get("ppl")
+        elif task == "wikitext2":
+            row["wikitext2_ppl"] = res.get("ppl")
+        elif task == "lambada":
+            row["lambada_acc"] = 100 * res["acc"]
+            row["lambada_ppl"] = res.get("ppl")
+        elif task in ZERO_SHOT:
+            row[task] = 100 * res.get("acc_norm", res["acc"])
+    zs = [row[t] for t in ZERO_SHOT if t in row]
+    if zs:
+        row["zero_shot_avg"] = sum(zs) / len(zs)
+    return row
+
+
+def table_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for r in records:
+        row = {k: r[k] for k in ("run", "params", "dim", "layers", "logical_layers", "heads", "kv_heads", "ffn",
+                                 "ffn_type", "tied", "sharing", "tokens", "train_seconds", "final_train_loss")}
+        row.update(headline(r["results"]))
+        rows.append(row)
+    return rows
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def write_tables(rows: list[dict], out: Path, spec: StudySpec) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = [f"# Study: {spec.name}", "", spec.description.strip(), "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    write_text_atomic(out / "results.md", markdown)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    return markdown
+
+
+def _curve(run_dir: Path) -> tuple[list, list, list, list]:
+    steps_t, loss_t, steps_v, loss_v = [], [], [], []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        train_points, val_points = {}, {}
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                train_points[rec["tokens"]] = rec["loss"]
+            if "val_loss" in rec:
+                val_points[rec["step"]] = rec["val_loss"]
+        steps_t, loss_t = list(train_points), list(train_points.values())
+        steps_v, loss_v = list(val_points), list(val_points.values())
+    return steps_t, loss_t, steps_v, loss_v
+
+
+def write_plots(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+
+    def save(fig, name):
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(out / name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in records:
+        tokens, loss, _, _ = _curve(out / "runs" / r["run"])
+        if tokens:
+            ax.plot(tokens, loss, label=r["run"], linewidth=1.2)
+    ax.set(xlabel="training tokens", ylabel="training loss", title="Loss curves")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save(fig, "loss_curves.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["logical_layers"] for r in rows if r.get("val_loss") is not None]
+    ys = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    ax.scatter(xs, ys)
+    for r in rows:
+        if r.get("val_loss") is not None:
+            ax.annotate(r["run"], (r["logical_layers"], r["val_loss"]), fontsize=7)
+    ax.set(xlabel="logical layers (depth)", ylabel="validation loss", title="Final validation loss vs depth")
+    ax.grid(alpha=0.3)
+    save(fig, "loss_vs_depth.png")
+
+    metric = "zero_shot_avg" if any("zero_shot_avg" in r for r in rows) else (
+        "lambada_acc" if any("lambada_acc" in r for r in rows) else "val_ppl")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r.get(metric) is not None:
+            ax.scatter(r["params"] / 1e6, r[metric])
+            ax.annotate(r["run"], (r["params"] / 1e6, r[metric]), fontsize=7)
+    ax.set(xlabel="parameters (M)", ylabel=metric.replace("_", " "), title=f"{metric} vs parameters")
+    ax.grid(alpha=0.3)
+    save(fig, "accuracy_vs_params.png")
+    return paths
+
+
+def run_study(spec_path: str | Path, out: str | Path | None = None, only: list[str] | None = None) -> dict:
+    spec = load_spec(spec_path)
+    out = Path(out or Path("runs") / "study" / spec.name)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "spec.yaml", Path(spec_path).read_text(encoding="utf-8"))
+    data_dir = prepare_data(spec, out)
+    configs = {}
+    for variant in spec.variants:
+        for run_name, seed in variant.runs():
+            if only and variant.name not in only and run_name not in only:
+                continue
+            configs[run_name] = variant, variant_config(spec, variant, seed, data_dir, out / "runs" / run_name)
+    if not configs:
+        raise MobileLLMError(f"--only {only} matches no variant of {spec.name}")
+    check_budget(spec, configs)  # all configs are checked before the first run starts
+    records = [run_variant(spec, variant, run_name, cfg, data_dir, out)
+               for run_name, (variant, cfg) in configs.items()]
+    rows = table_rows(records)
+    write_json_atomic(out / "results.json", {"study": spec.name, "runs": records})
+    markdown = write_tables(rows, out, spec)
+    plots = write_plots(records, rows, out)
+    return {"out": out, "markdown": markdown, "plots": plots, "records": records}
+
+
+def run(args) -> int:
+    result = run_study(args.spec, args.out, args.only.split(",") if args.only else None)
+    print(result["markdown"])
+    print(f"results: {result['out']}/results.md, .csv, .json; plots: " + ", ".join(p.name for p in result["plots"]))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("study", help="train and compare model variants at a matched budget (paper ablations)",
+                       description=__doc__.split("\n")[0])
+    p.add_argument("spec", help="study spec YAML (see configs/studies/)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/study/<name>)")
+    p.add_argument("--only", default=None, help="comma-separated variant names to run")
+    p.set_defaults(func=run)
+
