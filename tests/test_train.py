@@ -133,6 +133,8 @@ def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("preset", ["mobilellm-tiny-ls", "mobilellm-tiny"])
 def test_two_process_training_matches_one_process(dataset, tmp_path, strategy, preset):
+    """Also shows shared weights survive DDP/FSDP2 wrapping: the trainer checks them after wrapping
+    (check_shared_parameters), and a duplicated block would train differently from one process."""
     steps = 5
     common = {"run.max_steps": steps, "model.preset": preset, "run.distributed": strategy}
     single = tmp_path / "single"
@@ -237,3 +239,19 @@ def test_shipped_configs_load(name):
     cfg.model_config()
     if name != "cpu-tiny":  # the paper's global batch and LR on 32 GPUs
         assert cfg.batch_plan(32) == (2, 1024) and cfg.peak_lr(1024 * 2048) == pytest.approx(2e-3)
+
+
+def test_shared_parameter_check_catches_a_duplicated_embedding():
+    from mobilellm.config import get_preset
+    from mobilellm.model import MobileLLM
+    from mobilellm.train.distributed import check_shared_parameters
+
+    model = MobileLLM(get_preset("mobilellm-tiny-ls"))
+    check_shared_parameters(model)
+    model.lm_head = torch.nn.Linear(model.config.dim, model.config.vocab_size, bias=False)  # an untied copy
+    with pytest.raises(MobileLLMError, match="no longer shares"):
+        check_shared_parameters(model)
+    model = MobileLLM(get_preset("mobilellm-tiny-ls"))
+    model.layers.append(torch.nn.Linear(4, 4))  # a stray extra copy of weights
+    with pytest.raises(MobileLLMError, match="duplicated"):
+        check_shared_parameters(model)

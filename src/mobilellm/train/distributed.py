@@ -104,3 +104,17 @@ def set_grad_sync(wrapped: nn.Module, enabled: bool):
     if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
         wrapped.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
+
+
+def check_shared_parameters(model: nn.Module) -> None:
+    """After wrapping, shared weights must still be single tensors: the output layer reads the
+    embedding matrix, and each physical block appears once however often the schedule runs it."""
+    from mobilellm.errors import MobileLLMError
+
+    cfg = model.config
+    if cfg.tie_embeddings and (model.lm_head is not None or model.output_weight is not model.embed_tokens.weight):
+        raise MobileLLMError("internal error: the output layer no longer shares the embedding matrix after wrapping")
+    counted = sum(p.numel() for p in model.parameters())  # DTensor.numel() is the global size
+    if counted != cfg.num_params():
+        raise MobileLLMError(f"internal error: {counted:,} parameters after wrapping, the config has "
+                             f"{cfg.num_params():,}: a shared block or embedding was duplicated")

@@ -25,7 +25,7 @@ from mobilellm.fileio import write_text_atomic
 from mobilellm.model import MobileLLM
 from mobilellm.train import state as run_state
 from mobilellm.train.config import TrainConfig
-from mobilellm.train.distributed import Dist, set_grad_sync, setup, teardown, wrap
+from mobilellm.train.distributed import Dist, check_shared_parameters, set_grad_sync, setup, teardown, wrap
 from mobilellm.train.loss import linear_cross_entropy
 from mobilellm.train.optim import build_optimizer, lr_at
 
@@ -223,6 +223,7 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> T
         for block in model.layers:  # one compiled graph serves every (shared) block
             block.compile()
     wrapped = wrap(loss_module, model.layers, cfg.run.distributed, env, shard_blocks=model_cfg.layer_sharing == "none")
+    check_shared_parameters(model)
     optimizer = build_optimizer(model, cfg, peak_lr, env.device)
 
     step, tokens_seen = 0, 0
