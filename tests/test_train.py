@@ -177,7 +177,7 @@ def test_non_finite_losses_are_skipped_then_stop(dataset, tmp_path, monkeypatch)
     ({"batch.global_batch_tokens": 100}, "not a multiple of"),
     ({"data.train": "[/nonexistent/prepared]"}, "nonexistent"),
     ({"model.overrides.vocab_size": 100}, "vocab"),
-    ({"schedule.kind": "linear"}, "schedule.kind"),
+    ({"schedule.kind": "exponential"}, "schedule.kind"),
 ])
 def test_bad_configs_fail_before_training(dataset, tmp_path, extra, message):
     proc = run_cli("train", *cli_args(overrides(dataset, tmp_path / "run", **extra)), "--no-progress")

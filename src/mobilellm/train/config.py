@@ -55,7 +55,7 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    kind: str = "cosine"  # "cosine" (paper) or "wsd" (warmup-stable-decay)
+    kind: str = "cosine"  # "cosine" (paper), "wsd" (warmup-stable-decay) or "linear" (fine-tuning)
     warmup_steps: int = 1000
     min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of the peak
     decay_fraction: float = 0.2  # wsd: last fraction of the steps decays linearly to the floor
@@ -66,6 +66,7 @@ class RunSection:
     out_dir: str = "runs/train"
     max_steps: int | None = None
     max_tokens: int | None = None  # alternative to max_steps
+    epochs: float | None = None  # for finite (fine-tuning) data when max_steps/max_tokens are unset
     time_limit_minutes: float | None = None  # stop early (and save) when this much wall time has passed
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -87,6 +88,13 @@ class RunSection:
 
 
 @dataclass
+class DistillSection:
+    teacher: str | None = None  # a model directory with the same vocabulary; None: no distillation
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha on the cross-entropy
+    temperature: float = 2.0
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -94,6 +102,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     run: RunSection = field(default_factory=RunSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -106,14 +115,14 @@ class TrainConfig:
         return ModelConfig.from_dict(self.model.overrides)
 
     def validate(self) -> None:
-        if self.schedule.kind not in ("cosine", "wsd"):
-            raise MobileLLMError(f"schedule.kind must be 'cosine' or 'wsd', got {self.schedule.kind!r}")
+        if self.schedule.kind not in ("cosine", "wsd", "linear"):
+            raise MobileLLMError(f"schedule.kind must be cosine, wsd or linear, got {self.schedule.kind!r}")
         if self.run.distributed not in ("ddp", "fsdp"):
             raise MobileLLMError(f"run.distributed must be 'ddp' or 'fsdp', got {self.run.distributed!r}")
         if self.run.precision not in ("auto", "fp32", "bf16"):
             raise MobileLLMError(f"run.precision must be auto, fp32 or bf16, got {self.run.precision!r}")
-        if self.run.max_steps is None and self.run.max_tokens is None:
-            raise MobileLLMError("set run.max_steps or run.max_tokens")
+        if self.run.max_steps is None and self.run.max_tokens is None and self.run.epochs is None:
+            raise MobileLLMError("set run.max_steps, run.max_tokens or run.epochs")
         if not self.data.train:
             raise MobileLLMError("data.train is empty: give one or more prepared dataset directories (mobilellm prepare)")
         for name in ("seq_len",):

@@ -49,4 +49,6 @@ def lr_at(step: int, total_steps: int, peak: float, cfg: TrainConfig) -> float:
         progress = min(1.0, (step - decay_start + 1) / decay_steps)
         return peak + (floor - peak) * progress
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))
+    if s.kind == "linear":
+        return peak + (floor - peak) * progress
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

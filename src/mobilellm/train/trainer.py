@@ -14,12 +14,14 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import yaml
 from torch import nn
 
 from mobilellm.checkpoint import load_model_dir, save_model_dir
+from mobilellm.config import ModelConfig
 from mobilellm.errors import MobileLLMError
 from mobilellm.fileio import write_text_atomic
 from mobilellm.model import MobileLLM
@@ -39,8 +41,13 @@ class CausalLMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.compute_dtype = compute_dtype
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.hidden_states(inputs)  # (B, T, dim)
+        self.distiller = None  # set for knowledge distillation (finetune/distill.py)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.model.hidden_states(inputs, positions=positions, attn_mask=attn_mask)  # (B, T, dim)
+        if self.distiller is not None:
+            return self.distiller(hidden, self.model.output_weight, inputs, targets, positions, attn_mask)
         return linear_cross_entropy(hidden, self.model.output_weight, targets, self.chunk_tokens, self.compute_dtype)
 
 
@@ -59,14 +66,27 @@ class TrainResult:
 # ---- data -------------------------------------------------------------------------------------
 
 
-def open_data(cfg: TrainConfig, vocab_size: int):
-    from mobilellm.data.loader import PackedTokens, check_tokenizer_matches
+@dataclass
+class TrainData:
+    """What the loop consumes. `stream`: this rank's endless micro-batches with state_dict() /
+    load_state_dict(); `val_batches()`: validation micro-batches. A batch is (inputs, targets) or a
+    dict with inputs, targets and optionally positions, attn_mask and weight (rows that count)."""
+
+    stream: object
+    val_batches: Callable[[], Iterable] | None
+    tokenizer: object | None
+    steps_per_epoch: int | None = None
+
+
+def pretraining_data(cfg: TrainConfig, vocab_size: int, env: Dist) -> TrainData:
+    """Packed token shards from `mobilellm prepare` (data.train), validation on their val split."""
+    from mobilellm.data.loader import BatchStream, PackedTokens, check_tokenizer_matches, validation_batches
 
     if len(cfg.data.train) != 1:
         raise MobileLLMError("data.train takes exactly one prepared dataset directory (mix sources at prepare time)")
     train_dir = cfg.data.train[0]
-    train = PackedTokens(train_dir, "train", cfg.data.seq_len)
-    check_tokenizer_matches(train.manifest, vocab_size, None)
+    train_tokens = PackedTokens(train_dir, "train", cfg.data.seq_len)
+    check_tokenizer_matches(train_tokens.manifest, vocab_size, None)
     val_dir = cfg.data.val or train_dir
     val = None
     try:
@@ -77,8 +97,21 @@ def open_data(cfg: TrainConfig, vocab_size: int):
         if cfg.data.val:  # asked for explicitly: the error matters
             raise
     if val is not None:
-        check_tokenizer_matches(val.manifest, vocab_size, train.tokenizer_fingerprint)
-    return train, val
+        check_tokenizer_matches(val.manifest, vocab_size, train_tokens.tokenizer_fingerprint)
+
+    def val_batches():
+        for inputs, targets in validation_batches(val, cfg.batch.micro_batch, cfg.run.eval_batches, env.rank,
+                                                  env.world_size):
+            if inputs.shape[0] == 0:  # high ranks can get an empty last batch: a dummy row keeps collectives in step
+                row = torch.as_tensor(val.batch([0]), dtype=torch.long)
+                yield {"inputs": row[:, :-1], "targets": row[:, 1:], "weight": 0}
+            else:
+                yield {"inputs": inputs, "targets": targets}
+
+    stream = BatchStream(train_tokens, cfg.batch.micro_batch, rank=env.rank, world_size=env.world_size,
+                         seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+    return TrainData(stream=stream, val_batches=val_batches if val is not None and cfg.run.eval_batches else None,
+                     tokenizer=tokenizer_for(train_dir))
 
 
 def tokenizer_for(dataset_dir: str):
@@ -89,6 +122,14 @@ def tokenizer_for(dataset_dir: str):
         return load_tokenizer(dataset_dir)
     except MobileLLMError:
         return None
+
+
+def as_batch(batch, device: torch.device) -> tuple[dict, int]:
+    """A batch as model keyword arguments on `device`, and the number of rows that count."""
+    if not isinstance(batch, dict):
+        batch = {"inputs": batch[0], "targets": batch[1]}
+    weight = batch.get("weight", batch["inputs"].shape[0])
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "weight"}, weight
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -152,24 +193,17 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def validation_loss(loss_module: CausalLMLoss, val, cfg: TrainConfig, env: Dist, autocast) -> float | None:
-    from mobilellm.data.loader import validation_batches
-
-    if val is None:
+def validation_loss(loss_module: CausalLMLoss, data: TrainData, env: Dist, autocast) -> float | None:
+    if data.val_batches is None:
         return None
     was_training = loss_module.training
     loss_module.eval()
     total, rows = 0.0, 0
-    for inputs, targets in validation_batches(val, cfg.batch.micro_batch, cfg.run.eval_batches, env.rank,
-                                              env.world_size):
-        n = inputs.shape[0]
-        if n == 0:  # high ranks can get an empty last batch; run a dummy row so collectives stay in step
-            inputs, targets = val.batch([0])[:, :-1], val.batch([0])[:, 1:]
-            inputs, targets = torch.as_tensor(inputs, dtype=torch.long), torch.as_tensor(targets, dtype=torch.long)
+    for batch in data.val_batches():
+        kwargs, weight = as_batch(batch, env.device)
         with autocast():
-            loss = loss_module(inputs.to(env.device), targets.to(env.device)).item()
-        total += loss * n
-        rows += n
+            total += loss_module(**kwargs).item() * weight
+        rows += weight
     loss_module.train(was_training)
     total, rows = env.mean(total) * env.world_size, env.mean(rows) * env.world_size
     return total / rows if rows else None
@@ -178,16 +212,18 @@ def validation_loss(loss_module: CausalLMLoss, val, cfg: TrainConfig, env: Dist,
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, resume: str | None = "auto", progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | None = "auto", progress: bool = True,
+          data_fn: Callable[[TrainConfig, ModelConfig, Dist], TrainData] | None = None) -> TrainResult:
+    """Run (or resume) training. data_fn builds the data (default: prepared token shards)."""
     cfg.validate()
     env = setup(cfg.run.device)
     try:
-        return _train(cfg, env, resume, progress)
+        return _train(cfg, env, resume, progress, data_fn or (lambda c, m, e: pretraining_data(c, m.vocab_size, e)))
     finally:
         teardown()
 
 
-def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> TrainResult:
+def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data_fn) -> TrainResult:
     started = time.perf_counter()
     run_dir = Path(cfg.run.out_dir)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
@@ -201,10 +237,15 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> T
         raise MobileLLMError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
     accum, global_seqs = cfg.batch_plan(env.world_size)
     tokens_per_step = global_seqs * cfg.data.seq_len
-    total_steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / tokens_per_step)
+    data = data_fn(cfg, model_cfg, env)
+    tokenizer = data.tokenizer
+    if cfg.run.max_steps:
+        total_steps = cfg.run.max_steps
+    elif cfg.run.max_tokens:
+        total_steps = math.ceil(cfg.run.max_tokens / tokens_per_step)
+    else:  # epochs of a finite (fine-tuning) set
+        total_steps = math.ceil(cfg.run.epochs * data.steps_per_epoch / accum)
     peak_lr = cfg.peak_lr(tokens_per_step)
-    train_data, val_data = open_data(cfg, model_cfg.vocab_size)
-    tokenizer = tokenizer_for(cfg.data.train[0])
 
     use_cuda = env.device.type == "cuda"
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and use_cuda)
@@ -219,6 +260,11 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> T
     if bf16 and not cfg.run.fp32_residual:
         model.residual_dtype = torch.bfloat16
     loss_module = CausalLMLoss(model, cfg.run.loss_chunk_tokens, compute_dtype)
+    if cfg.distill.teacher:
+        from mobilellm.finetune.distill import Distiller
+
+        loss_module.distiller = Distiller.from_dir(cfg.distill.teacher, model_cfg.vocab_size, env.device,
+                                                   alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
     if cfg.run.compile if cfg.run.compile is not None else use_cuda:
         for block in model.layers:  # one compiled graph serves every (shared) block
             block.compile()
@@ -227,10 +273,7 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> T
     optimizer = build_optimizer(model, cfg, peak_lr, env.device)
 
     step, tokens_seen = 0, 0
-    from mobilellm.data.loader import BatchStream
-
-    stream = BatchStream(train_data, cfg.batch.micro_batch, rank=env.rank, world_size=env.world_size,
-                         seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+    stream = data.stream
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         run_state.remove_partial_saves(run_dir)
@@ -290,11 +333,9 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> T
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=env.device)
             for micro in range(accum):
-                inputs, targets = next(batches)
-                inputs = inputs.to(env.device, non_blocking=True)
-                targets = targets.to(env.device, non_blocking=True)
+                kwargs, _ = as_batch(next(batches), env.device)
                 with set_grad_sync(wrapped, micro == accum - 1), autocast():
-                    loss = wrapped(inputs, targets)
+                    loss = wrapped(**kwargs)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
@@ -346,7 +387,7 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> T
                     result.stopped_early = step < total_steps
                     break
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
-                val_loss = validation_loss(loss_module, val_data, cfg, env, autocast)
+                val_loss = validation_loss(loss_module, data, env, autocast)
                 if val_loss is not None:
                     log.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
             # no periodic saves inside a run of skipped steps: they could rotate out the good ones
@@ -361,7 +402,7 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool) -> T
         if bar is not None:
             bar.close()
 
-    result.val_loss = validation_loss(loss_module, val_data, cfg, env, autocast)
+    result.val_loss = validation_loss(loss_module, data, env, autocast)
     if result.val_loss is not None:
         log.write({"step": step, "val_loss": result.val_loss, "val_ppl": math.exp(min(result.val_loss, 50))})
     if last_saved != step:
