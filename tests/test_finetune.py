@@ -152,3 +152,60 @@ def test_sft_stream_resumes_exactly():
     assert [next(resumed)["inputs"][:, 0].tolist() for _ in range(4)] == seen[2:]
     flat = sum(seen[:3], []) + seen[3][:1]
     assert sorted(flat) == list(range(7))  # one epoch = every row once
+
+
+def test_api_calling_data_is_deterministic_and_disjoint():
+    from mobilellm.finetune import api_calling as api
+
+    train, test = api.make_splits(300, 50, seed=7)
+    assert (train, test) == api.make_splits(300, 50, seed=7)
+    assert api.make_splits(300, 50, seed=8)[0] != train
+    seen = {c["messages"][-2]["content"] for c in train}
+    assert all(c["messages"][-2]["content"] not in seen for c in test)
+    assert any(len(c["messages"]) == 5 for c in train)  # multi-turn conversations exist
+    for c in train[:50]:
+        assert sft.conversation_problem(c["messages"]) is None
+        name, args, reply = api.parse_response(c["messages"][-1]["content"])
+        assert (name, args, reply) == (c["api"]["name"], c["api"]["args"], c["reply"])
+
+
+def test_api_calling_metrics_on_hand_made_predictions():
+    pytest.importorskip("rouge_score")
+    from mobilellm.finetune import api_calling as api
+
+    refs = [
+        {"api": {"name": "set_alarm", "args": {"time": "7:00", "label": "gym"}}, "reply": "Your gym alarm is set for 7:00."},
+        {"api": {"name": "call_contact", "args": {"name": "Anna"}}, "reply": "Calling Anna."},
+        {"api": {"name": "get_weather", "args": {"city": "Oslo", "date": "today"}}, "reply": "Checking Oslo today."},
+        {"api": {"name": "play_music", "args": {"artist": "Queen"}}, "reply": "Playing Queen."},
+    ]
+    preds = [
+        'set_alarm(time="7:00", label="gym")\nYour gym alarm is set for 7:00.',  # all right
+        'call_contact(name="Ben")\nCalling Anna.',  # right intent, wrong argument
+        "It is sunny in Oslo.",  # no call at all
+        'play_music(artist="Queen")\nNow playing some jazz.',  # right call, different reply
+    ]
+    m = api.score(preds, refs)
+    assert m["em_intent"] == 75.0 and m["em_structure"] == 50.0 and m["n"] == 4
+    # ROUGE F1 per reply: 1, 1, rouge1("checking oslo today", "it is sunny in oslo") = 2*(1/3*1/5)/(1/3+1/5)=0.25,
+    # rouge1("playing queen", "now playing some jazz") = 2*(1/2*1/4)/(1/2+1/4) = 1/3
+    assert m["rouge1"] == pytest.approx(100 * (1 + 1 + 0.25 + 1 / 3) / 4)
+    with pytest.raises(MobileLLMError):
+        api.score(preds[:2], refs)
+
+
+def test_api_data_command(tmp_path):
+    proc = run_cli("api-data", "--out", tmp_path, "--train", "40", "--test", "10", "--seed", "1", check=True)
+    assert "40 training" in proc.stdout
+    rows = [json.loads(x) for x in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all("api" in r for r in rows)
+
+
+def test_api_calling_evaluation_runs_the_model(tmp_path, tokenizer):
+    pytest.importorskip("rouge_score")
+    from mobilellm.finetune import api_calling as api
+
+    api.write_splits(tmp_path, 10, 6, seed=0)
+    model = MobileLLM(get_preset("mobilellm-tiny", vocab_size=300)).eval()
+    result = api.evaluate(model, tokenizer, tmp_path / "test.jsonl", limit=4, max_new_tokens=8)
+    assert result["n"] == 4 and 0 <= result["em_intent"] <= 100 and len(result["examples"]) == 4
