@@ -63,7 +63,7 @@ def run(args) -> int:
     overrides = {
         "model.preset": "mobilellm-mini-ls", "model.overrides.vocab_size": tokenizer.vocab_size,
         "data.train": f"[{data_dir}]", "data.seq_len": 256, "batch.micro_batch": 8,
-        "run.max_steps": args.steps, "run.out_dir": str(out / "run"), "run.device": "cpu",
+        "run.max_steps": args.steps, "run.out_dir": str(out / "run"), "run.device": args.device,
         "run.time_limit_minutes": args.minutes, "run.log_every": 10, "run.save_every": 100,
         "run.eval_batches": 50, "schedule.warmup_steps": max(1, args.steps // 20), "optim.lr": 3e-3,
         "run.seed": 0,
@@ -109,6 +109,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=240, help="training steps of 8 x 256 tokens (default: 240)")
     p.add_argument("--minutes", type=float, default=7.0, help="training time limit in minutes (default: 7)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary (default: 4096)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_checked_run)

@@ -198,20 +198,25 @@ def read_test(path: str | Path) -> list[dict]:
     return rows
 
 
-def evaluate(model, tokenizer, path: str | Path, limit: int | None = None, max_new_tokens: int = 64) -> dict:
-    """Greedy responses to each test conversation's last request, scored against the reference."""
+def predict(model, tokenizer, rows: list[dict], max_new_tokens: int = 64, batch: int = 8) -> list[str]:
+    """Greedy responses to each test conversation's last request."""
     from mobilellm.chat import DEFAULT_CHAT_TEMPLATE, apply_chat_template, special_text
     from mobilellm.generate import Engine, SamplingParams
 
-    rows = read_test(path)[:limit]
     template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
     kwargs = {"bos_token": special_text(tokenizer, tokenizer.bos_id), "eos_token": special_text(tokenizer, tokenizer.eos_id)}
     prompts = [tokenizer.encode(apply_chat_template(r["messages"][:-1], template, True, **kwargs)) for r in rows]
-    engine = Engine(model, tokenizer, max_batch=8)
-    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
-    result = score([o.text for o in outputs], rows)
+    engine = Engine(model, tokenizer, max_batch=batch)
+    return [o.text for o in engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))]
+
+
+def evaluate(model, tokenizer, path: str | Path, limit: int | None = None, max_new_tokens: int = 64) -> dict:
+    """Greedy responses to each test conversation's last request, scored against the reference."""
+    rows = read_test(path)[:limit]
+    predictions = predict(model, tokenizer, rows, max_new_tokens)
+    result = score(predictions, rows)
     result["examples"] = [{"prompt": r["messages"][-2]["content"], "reference": r["messages"][-1]["content"],
-                           "prediction": o.text} for r, o in zip(rows[:5], outputs[:5])]
+                           "prediction": p} for r, p in zip(rows[:5], predictions[:5])]
     return result
 
 
