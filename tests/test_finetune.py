@@ -209,3 +209,14 @@ def test_api_calling_evaluation_runs_the_model(tmp_path, tokenizer):
     model = MobileLLM(get_preset("mobilellm-tiny", vocab_size=300)).eval()
     result = api.evaluate(model, tokenizer, tmp_path / "test.jsonl", limit=4, max_new_tokens=8)
     assert result["n"] == 4 and 0 <= result["em_intent"] <= 100 and len(result["examples"]) == 4
+
+
+def test_eval_command_runs_api_calling(tmp_path, tokenizer):
+    pytest.importorskip("rouge_score")
+    save_model_dir(MobileLLM(get_preset("mobilellm-tiny", vocab_size=300)), tmp_path / "m", tokenizer=tokenizer)
+    run_cli("api-data", "--out", tmp_path / "eval" / "api_calling", "--train", "5", "--test", "4", check=True)
+    proc = run_cli("eval", tmp_path / "m", "--tasks", "api_calling", "--data-dir", tmp_path / "eval", "--no-progress",
+                   check=True)
+    assert "em_intent" in proc.stdout and "rougeL" in proc.stdout
+    results = json.loads((tmp_path / "m" / "eval" / "results.json").read_text())
+    assert results["results"]["api_calling"]["n"] == 4
