@@ -174,6 +174,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
     if not directory.is_dir():
         raise MobileLLMError(f"model directory {directory} does not exist")
     hf = _read_json(directory / "config.json")
+    if "quantization" in hf:  # integer weights + scales: quantize.py builds the quantized modules
+        from mobilellm.quantize import load_quantized
+
+        return load_quantized(directory, hf, _load_state_dict(_weights_file(directory, hf)), device, dtype)
     cfg = config_from_hf(hf)
     state = _strip_prefix(_load_state_dict(_weights_file(directory, hf)))
     if cfg.tie_embeddings:
@@ -193,9 +197,9 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
             raise MobileLLMError(
                 f"weight {key} in {directory} has shape {tuple(state[key].shape)}, config expects {tuple(tensor.shape)}"
             )
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+    # assign=True: the loaded tensors become the parameters (no second copy of the weights in memory)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.eval()
 
 
 # ---- saving ----------------------------------------------------------------------------------
