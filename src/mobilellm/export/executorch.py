@@ -1,0 +1,175 @@
+"""ExecuTorch export: one `forward(tokens, input_pos)` method with a KV cache, lowered to XNNPACK.
+
+The program holds the KV cache as mutable buffers, one key and one value buffer per *logical* layer,
+written with `index_copy_` at `input_pos`; attention runs over the whole cache with a mask (keys at
+positions <= the query's), so one method serves a dynamic-length prefill (T tokens at positions
+0..T-1) and then one-token decode steps. A layer-shared model calls the same physical block at
+several logical layers, so its weights are stored once in the program.
+
+Quantized linears become torchao `IntxUnpackedToInt8Tensor` weights built from *our* integers and
+scales (quantize.py follows torchao's numerics), which XNNPACK lowers to its int8-activation kernels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobilellm.errors import MobileLLMError
+from mobilellm.fileio import atomic_path
+from mobilellm.model import MobileLLM, apply_rope, rope_cos_sin
+
+PTE_QUANTS = ("fp32", "w8a8", "8da4w")
+
+
+class ExecuTorchLM(nn.Module):
+    """forward(tokens (1, T) int64, input_pos (T,) int64) -> logits (1, T, vocab)."""
+
+    def __init__(self, model: MobileLLM, max_len: int):
+        super().__init__()
+        cfg = model.config
+        self.cfg = cfg
+        self.max_len = max_len
+        self.schedule = list(model.schedule)
+        self.embed_tokens = model.embed_tokens
+        self.layers = model.layers  # physical blocks: a shared block is one module, called twice
+        self.norm = model.norm
+        self.lm_head = model.lm_head
+        cache_shape = (1, cfg.n_kv_heads, max_len, cfg.attn_head_dim)
+        for layer in range(len(self.schedule)):
+            self.register_buffer(f"k_cache_{layer}", torch.zeros(cache_shape), persistent=False)
+            self.register_buffer(f"v_cache_{layer}", torch.zeros(cache_shape), persistent=False)
+        self.register_buffer("key_positions", torch.arange(max_len), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        T = tokens.shape[1]
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
+        cos, sin = rope_cos_sin(input_pos, hd, cfg.rope_theta)  # (T, hd)
+        mask = self.key_positions[None, :] <= input_pos[:, None]  # (T, max_len): causal over the cache
+        x = self.embed_tokens(tokens)  # (1, T, dim)
+        for layer, block_idx in enumerate(self.schedule):
+            block = self.layers[block_idx]
+            attn = block.self_attn
+            h = block.input_layernorm(x)
+            q = attn.q_proj(h).view(1, T, H, hd).transpose(1, 2)  # (1, H, T, hd)
+            k = attn.k_proj(h).view(1, T, KV, hd).transpose(1, 2)  # (1, KV, T, hd)
+            v = attn.v_proj(h).view(1, T, KV, hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k_cache, v_cache = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
+            k_cache.index_copy_(2, input_pos, k)  # (1, KV, max_len, hd)
+            v_cache.index_copy_(2, input_pos, v)
+            keys = k_cache.repeat_interleave(H // KV, dim=1)  # (1, H, max_len, hd); explicit GQA for lowering
+            values = v_cache.repeat_interleave(H // KV, dim=1)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (1, H, T, hd)
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(1, T, H * hd))
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        out_w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(x), out_w)  # (1, T, vocab)
+
+
+def _torchao_linear(qlinear) -> nn.Linear:
+    """Our QuantizedLinear -> nn.Linear whose weight is a torchao tensor with the same integers."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    scale = qlinear.weight_scale  # (out, G)
+    weight = IntxUnpackedToInt8Tensor(
+        qdata=qlinear.weight_q,
+        scale=scale.clone(),
+        zero_point=torch.zeros(scale.shape, dtype=torch.int8),
+        target_dtype=torch.int4 if qlinear.bits == 4 else torch.int8,
+        block_size=(1, qlinear.group_size),
+        dtype=torch.float32,
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+    )
+    linear = nn.Linear(qlinear.in_features, qlinear.out_features, bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def check_pte_quant(model: MobileLLM, quant: str) -> None:
+    """Reject scheme combinations a .pte cannot hold (before any heavy import)."""
+    if quant not in PTE_QUANTS:
+        raise MobileLLMError(f"--quant {quant!r} is not available for pte; choose from {', '.join(PTE_QUANTS)}")
+    existing = getattr(model, "quantization", None)
+    if existing:
+        if quant not in ("fp32", existing["scheme"]):
+            raise MobileLLMError(f"model directory is already quantized with {existing['scheme']}; "
+                                 f"export it with --quant {existing['scheme']} or start from its float model")
+        if existing["scheme"] == "int8":
+            raise MobileLLMError("int8 weight-only has no XNNPACK kernel in ExecuTorch; quantize with "
+                                 "--scheme w8a8 or 8da4w for .pte")
+
+
+def prepare_for_pte(model: MobileLLM, quant: str, group_size: int = 32) -> MobileLLM:
+    """Quantize (if asked) with our numerics, then swap modules for ones torch.export + XNNPACK lower."""
+    from mobilellm import quantize as Q
+
+    check_pte_quant(model, quant)
+    if not getattr(model, "quantization", None) and quant != "fp32":
+        Q.quantize_model(model, quant, group_size=group_size)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Q.QuantizedLinear):
+            if not mod.dynamic_activations:  # an int8 lm_head of a quantized embedding: keep its values
+                replacement = nn.Linear(mod.in_features, mod.out_features, bias=False)
+                replacement.weight = nn.Parameter(mod.dequantized_weight(), requires_grad=False)
+            else:
+                replacement = _torchao_linear(mod)
+            Q._set_module(model, name, replacement)
+        elif isinstance(mod, Q.QuantizedEmbedding):  # lookups are exact on the dequantized table
+            model.embed_tokens = nn.Embedding.from_pretrained(mod.weight, freeze=True)
+    return model
+
+
+def export_pte(model: MobileLLM, output: str | Path, *, quant: str = "fp32", group_size: int = 32,
+               max_len: int | None = None) -> dict:
+    """Lower to XNNPACK and write the .pte atomically; returns a summary dict."""
+    check_pte_quant(model, quant)
+    max_len = max_len or model.config.max_seq_len
+    if max_len < 2:
+        raise MobileLLMError("--max-len must be at least 2")
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError:
+        raise MobileLLMError("ExecuTorch export needs the export extra: pip install 'mobilellm[export]'") from None
+    model = prepare_for_pte(model, quant, group_size)
+    wrapper = ExecuTorchLM(model, max_len).eval()
+    with torch.no_grad():  # with grad on, to_executorch fails on the in-place cache writes
+        for p in wrapper.parameters():
+            p.requires_grad_(False)
+        seq = torch.export.Dim("seq", min=1, max=max_len - 1)
+        example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
+        ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+        program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        tmp.write_bytes(program.buffer)
+    return {"format": "pte", "quant": quant, "max_len": max_len, "bytes": output.stat().st_size,
+            "logical_layers": len(wrapper.schedule), "physical_blocks": model.config.n_layers}
+
+
+class PteRunner:
+    """Run a .pte from the ExecuTorch Python runtime: prefill, then one token per call."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        from executorch.runtime import Runtime
+
+        if threads:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(threads)
+        self.program = Runtime.get().load_program(Path(path))
+        self.method = self.program.load_method("forward")
+
+    def forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Logits (T, vocab) for tokens at positions [start, start + T)."""
+        t = torch.tensor([tokens], dtype=torch.long)
+        pos = torch.arange(start, start + len(tokens), dtype=torch.long)
+        return self.method.execute([t, pos])[0][0]

@@ -1,0 +1,179 @@
+"""ONNX export with a KV cache, through `torch.onnx.export(..., dynamo=True)`.
+
+Graph signature (batch, sequence and past length are all dynamic):
+  inputs   input_ids (B, T) int64,
+           past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim) float32 for each logical layer i
+  outputs  logits (B, T, vocab),
+           present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
+The new tokens sit at positions P .. P+T-1 of every sequence (no padding inside the cache). Start
+with P = 0 (empty past arrays) and feed each step's `present` back as the next `past`. A layer-shared
+model calls its shared blocks at several logical layers; identical constants are merged after export,
+so its weights are stored once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobilellm.errors import MobileLLMError
+from mobilellm.fileio import atomic_path
+from mobilellm.model import MobileLLM, apply_rope, rope_cos_sin
+
+ONNX_QUANTS = ("fp32",)
+PROTOBUF_LIMIT = 2 * 2**30  # a single-file ONNX model (weights inside) must stay under 2 GiB
+
+
+class OnnxLM(nn.Module):
+    def __init__(self, model: MobileLLM):
+        super().__init__()
+        self.cfg = model.config
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]):
+        cfg, m = self.cfg, self.model
+        B, T = input_ids.shape
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
+        P = past[0].shape[2]
+        positions = torch.arange(T, device=input_ids.device) + P  # (T,)
+        cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta)
+        key_pos = torch.arange(P + T, device=input_ids.device)
+        mask = key_pos[None, :] <= positions[:, None]  # (T, P+T)
+        x = m.embed_tokens(input_ids)  # (B, T, dim)
+        present = []
+        for layer, block_idx in enumerate(m.schedule):
+            block = m.layers[block_idx]
+            attn = block.self_attn
+            h = block.input_layernorm(x)
+            q = attn.q_proj(h).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = attn.k_proj(h).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+            v = attn.v_proj(h).view(B, T, KV, hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k = torch.cat([past[2 * layer], k], dim=2)  # (B, KV, P+T, hd)
+            v = torch.cat([past[2 * layer + 1], v], dim=2)
+            present += [k, v]
+            y = F.scaled_dot_product_attention(
+                q, k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1), attn_mask=mask
+            )  # (B, H, T, hd)
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        logits = F.linear(m.norm(x), m.output_weight)  # (B, T, vocab)
+        return (logits, *present)
+
+
+def io_names(n_logical: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_logical) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_logical) for kv in ("key", "value")]
+    return ["input_ids", *past], ["logits", *present]
+
+
+def _dequantized(model: MobileLLM) -> MobileLLM:
+    """Quantized modules -> float ones with the same (dequantized) weights."""
+    from mobilellm import quantize as Q
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Q.QuantizedLinear):
+            if mod.dynamic_activations:
+                raise MobileLLMError(f"ONNX export of {model.quantization['scheme']} (dynamic int8 activations) is "
+                                     "not supported; export the float model directory or an int8 weight-only one")
+            linear = nn.Linear(mod.in_features, mod.out_features, bias=False)
+            linear.weight = nn.Parameter(mod.dequantized_weight(), requires_grad=False)
+            Q._set_module(model, name, linear)
+        elif isinstance(mod, Q.QuantizedEmbedding):
+            model.embed_tokens = nn.Embedding.from_pretrained(mod.weight, freeze=True)
+    return model
+
+
+def dedupe_initializers(graph) -> int:
+    """Merge byte-identical constant tensors; returns how many were dropped.
+
+    The exporter folds `Transpose(weight)` into a new constant at every use of a weight, so a block
+    that runs at two logical layers would carry its attention matrices twice.
+    """
+    seen: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    keep = []
+    for tensor in graph.initializer:
+        key = (tensor.data_type, tuple(tensor.dims), tensor.raw_data) if tensor.raw_data else None
+        if key is not None and key in seen:
+            rename[tensor.name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = tensor.name
+        keep.append(tensor)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return len(rename)
+
+
+def export_onnx(model: MobileLLM, output: str | Path, *, quant: str = "fp32") -> dict:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise MobileLLMError("ONNX export needs the export extra: pip install 'mobilellm[export]'") from None
+    if quant not in ONNX_QUANTS:
+        raise MobileLLMError(f"--quant {quant!r} is not available for onnx; choose from {', '.join(ONNX_QUANTS)} "
+                             "(quantize with onnxruntime's tools afterwards if needed)")
+    if getattr(model, "quantization", None):
+        model = _dequantized(model)
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    if n_bytes >= PROTOBUF_LIMIT:
+        raise MobileLLMError(f"model has {n_bytes / 2**30:.2f} GiB of float32 weights; a single-file ONNX model "
+                             "must stay under 2 GiB: export a smaller model or use gguf/pte")
+    cfg = model.config
+    wrapper = OnnxLM(model).eval()
+    B, T, P = 2, 3, 4  # example sizes; all three are dynamic in the graph
+    past = [torch.zeros(B, cfg.n_kv_heads, P, cfg.attn_head_dim) for _ in range(2 * cfg.n_logical_layers)]
+    batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past_len")
+    dynamic = ({0: batch, 1: seq}, [{0: batch, 2: past_len} for _ in past])
+    inputs, outputs = io_names(cfg.n_logical_layers)
+    output = Path(output)
+    with atomic_path(output) as tmp, torch.no_grad():
+        program = torch.onnx.export(wrapper, (torch.zeros(B, T, dtype=torch.long), past), dynamo=True,
+                                    input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
+                                    external_data=False, verbose=False)
+        import onnx
+
+        proto = program.model_proto
+        dedupe_initializers(proto.graph)
+        onnx.save_model(proto, str(tmp))
+    return {"format": "onnx", "quant": quant, "bytes": output.stat().st_size, "logical_layers": cfg.n_logical_layers}
+
+
+class OnnxRunner:
+    """Run the exported graph with onnxruntime; keeps the KV cache between calls (batch 1)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.reset()
+
+    def reset(self) -> None:
+        import numpy as np
+
+        self.past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32) for i in self.past_inputs}
+
+    def forward(self, tokens: list[int]) -> "numpy.ndarray":  # noqa: F821
+        """Logits (T, vocab) for the next tokens of the sequence held in the cache."""
+        import numpy as np
+
+        feeds = {"input_ids": np.asarray([tokens], dtype=np.int64), **self.past}
+        out = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        for name, value in zip(names[1:], out[1:]):
+            self.past[name.replace("present.", "past_key_values.")] = value
+        return out[0][0]

@@ -1,0 +1,399 @@
+"""Post-training quantization (PAPER.md §4) and the quantized model-directory format.
+
+Schemes (every nn.Linear of every block; the embedding/output matrix has its own setting):
+  w8a8   int8 weights per output channel + int8 activations per token, dynamic (the paper's scheme)
+  int8   int8 weights per output channel, activations stay float (weight-only)
+  8da4w  int4 weights in groups of `group_size` input columns + int8 dynamic activations per token
+
+Numerics follow torchao's conventions exactly, so the ExecuTorch exporter can hand our integers to
+torchao/XNNPACK unchanged (tests compare against torchao where it is installed):
+  weights      symmetric min-max: scale = max|w| / ((qmax - qmin) / 2), q = clamp(round(w / scale))
+               int8 range [-128, 127], int4 range [-8, 7]
+  activations  asymmetric min-max per token: range [min(x, 0), max(x, 0)] -> int8 [-128, 127]
+The reference modules below compute in float on the dequantized values ("fake quant"): the result
+equals the integer kernel's up to float rounding, and this path needs nothing beyond torch.
+
+On disk (a normal model directory; transformers cannot load it):
+  config.json        `model_type: mobilellm`, our config, plus
+                     "quantization": {"scheme", "group_size", "embedding", "format_version"}
+  model.safetensors  for a quantized matrix `X.weight` (int8, or uint8 with two int4 per byte, low
+                     nibble first) and `X.weight_scale` (float32, (out_features, n_groups));
+                     everything else (norms, an unquantized embedding) as float.
+`mobilellm.checkpoint.load_model_dir` dispatches here when config.json has "quantization".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobilellm.errors import MobileLLMError
+from mobilellm.model import MobileLLM
+
+SCHEMES = ("w8a8", "int8", "8da4w")
+EMBEDDING_MODES = ("none", "int8", "int4")
+FORMAT_VERSION = 1
+_EPS = torch.finfo(torch.float32).eps  # torchao's scale floor for float32
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    name: str
+    weight_bits: int  # 8 or 4
+    group_size: int | None  # None: one scale per output channel
+    dynamic_activations: bool  # int8 per-token activations
+
+
+def scheme_from_name(name: str, group_size: int = 32) -> QuantScheme:
+    if name == "w8a8":
+        return QuantScheme(name, 8, None, True)
+    if name == "int8":
+        return QuantScheme(name, 8, None, False)
+    if name == "8da4w":
+        if group_size <= 0 or group_size % 32 != 0:
+            raise MobileLLMError(f"--group-size {group_size}: 8da4w needs a positive multiple of 32 (XNNPACK's limit)")
+        return QuantScheme(name, 4, group_size, True)
+    raise MobileLLMError(f"unknown quantization scheme {name!r}; choose from {', '.join(SCHEMES)}")
+
+
+def _qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1  # int8 (-128, 127), int4 (-8, 7)
+
+
+# ---- numerics ------------------------------------------------------------------------------
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric min-max. w (out, in) float -> q (out, in) int8, scale (out, in // group) float32."""
+    out_f, in_f = w.shape
+    group = group_size or in_f
+    if in_f % group != 0:
+        raise MobileLLMError(f"group size {group} does not divide a weight's {in_f} input columns; "
+                             "choose a --group-size that divides every layer width")
+    qmin, qmax = _qrange(bits)
+    grouped = w.detach().float().reshape(out_f, in_f // group, group)  # (out, G, group)
+    amax = grouped.abs().amax(-1)  # (out, G)
+    scale = (amax / ((qmax - qmin) / 2)).clamp(min=_EPS)
+    q = torch.clamp(torch.round(grouped * (1.0 / scale[..., None])), qmin, qmax).to(torch.int8)  # torchao order
+    return q.reshape(out_f, in_f), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q (out, in) int8, scale (out, G) -> (out, in) float32."""
+    out_f, in_f = q.shape
+    groups = scale.shape[1]
+    return (q.float().reshape(out_f, groups, in_f // groups) * scale[..., None]).reshape(out_f, in_f)
+
+
+def fake_quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Asymmetric per-token int8 quantize-dequantize, as the integer kernel sees its input. x (..., in)."""
+    qmin, qmax = _qrange(8)
+    x32 = x.float()
+    lo = x32.amin(-1, keepdim=True).clamp(max=0)  # the range always holds 0 (exact zero padding)
+    hi = x32.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)  # (..., 1)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    q = torch.clamp(torch.round(x32 * (1.0 / scale)) + zero_point, qmin, qmax)
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], (out, in) with even in -> uint8 (out, in // 2), low nibble first."""
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    both = torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)  # (out, in)
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+
+
+# ---- modules ---------------------------------------------------------------------------------
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free Linear holding integer weights and their scales (reference numerics)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int, dynamic_activations: bool):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.bits = bits
+        self.dynamic_activations = dynamic_activations
+        self.register_buffer("weight_q", q.to(torch.int8))  # (out, in), values in the bits' range
+        self.register_buffer("weight_scale", scale.float())  # (out, G)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantizedLinear":
+        q, scale = quantize_weight(linear.weight, scheme.weight_bits, scheme.group_size)
+        return cls(q, scale, scheme.weight_bits, scheme.dynamic_activations)
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.weight_scale.shape[1]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(self.weight_q, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_activations:
+            x = fake_quantize_activations(x)
+        return F.linear(x, self.dequantized_weight().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        acts = "int8 dynamic per-token" if self.dynamic_activations else "float"
+        return (f"in={self.in_features}, out={self.out_features}, weights=int{self.bits} "
+                f"group={self.group_size}, activations={acts}")
+
+
+class QuantizedEmbedding(nn.Module):
+    """Embedding rows stored as integers with per-row (int8) or per-group (int4) scales.
+
+    `.weight` is the dequantized matrix, so the tied output projection (`model.output_weight`)
+    sees exactly the values the lookup returns.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.bits = bits
+        self.register_buffer("weight_q", q.to(torch.int8))  # (V, dim)
+        self.register_buffer("weight_scale", scale.float())  # (V, G)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize_weight(self.weight_q, self.weight_scale)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_q[tokens].float()  # (B, T, dim): dequantize only the rows looked up
+        scale = self.weight_scale[tokens]  # (B, T, G)
+        groups = scale.shape[-1]
+        return (rows.unflatten(-1, (groups, -1)) * scale[..., None]).flatten(-2)
+
+
+def _embedding_quant(mode: str, group_size: int) -> tuple[int, int | None] | None:
+    if mode == "none":
+        return None
+    if mode == "int8":
+        return 8, None
+    if mode == "int4":
+        return 4, group_size
+    raise MobileLLMError(f"unknown --embedding {mode!r}; choose from {', '.join(EMBEDDING_MODES)}")
+
+
+def linear_names(model: MobileLLM) -> list[str]:
+    """Qualified names of the block Linears (the output matrix is handled by the embedding setting)."""
+    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name.startswith("layers.")]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(model: MobileLLM, scheme: str, *, group_size: int = 32, embedding: str = "none") -> MobileLLM:
+    """Replace the block Linears (and optionally the embedding/output matrix) in place; returns the model."""
+    if getattr(model, "quantization", None):
+        raise MobileLLMError("model is already quantized; quantize its float model directory instead")
+    spec = scheme_from_name(scheme, group_size)
+    emb = _embedding_quant(embedding, group_size)
+    cfg = model.config
+    widths = {"dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "attention width": cfg.n_heads * cfg.attn_head_dim}
+    checks = [(spec.group_size, widths)] + ([(emb[1], {"dim": cfg.dim})] if emb else [])
+    for group, named in checks:
+        for what, width in named.items():
+            if group and width % group != 0:
+                raise MobileLLMError(f"--group-size {group} does not divide the model's {what} ({width}); "
+                                     f"choose a multiple of 32 that divides it ({_divisor_hint(width)})")
+    with torch.no_grad():
+        for name in linear_names(model):
+            _set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), spec))
+        if emb is not None:
+            bits, group = emb
+            q, scale = quantize_weight(model.embed_tokens.weight, bits, group)
+            model.embed_tokens = QuantizedEmbedding(q, scale, bits)
+            if model.lm_head is not None:
+                q, scale = quantize_weight(model.lm_head.weight, bits, group)
+                model.lm_head = QuantizedLinear(q, scale, bits, dynamic_activations=False)
+    model.quantization = {"scheme": scheme, "group_size": spec.group_size, "embedding": embedding,
+                          "embedding_group_size": emb[1] if emb else None, "format_version": FORMAT_VERSION}
+    return model.eval()
+
+
+def _divisor_hint(width: int) -> str:
+    options = [g for g in (32, 64, 128, 256) if width % g == 0]
+    return ", ".join(map(str, options)) if options else "none exists: use --scheme w8a8 or int8"
+
+
+# ---- model directory IO ----------------------------------------------------------------------
+
+
+def quantized_state_dict(model: MobileLLM) -> dict[str, torch.Tensor]:
+    """HF-style keys; int4 weights packed two per byte."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = name if name.startswith("lm_head.") else f"model.{name}"
+        if name.endswith(".weight_q"):
+            module = model.get_submodule(name.removesuffix(".weight_q"))
+            key = key.removesuffix("_q")
+            tensor = pack_int4(tensor) if module.bits == 4 else tensor
+        state[key] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def save_quantized_dir(model: MobileLLM, path: str | Path, tokenizer=None, generation_config: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from mobilellm.checkpoint import _write_tokenizer, config_to_hf
+    from mobilellm.fileio import atomic_dir, write_json_atomic
+
+    cfg = model.config
+    hf = config_to_hf(cfg, torch.float32)
+    hf["model_type"] = "mobilellm"  # transformers must not mistake it for a float Llama
+    hf["architectures"] = ["MobileLLMForCausalLM"]
+    hf["quantization"] = dict(model.quantization)
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(quantized_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json_atomic(tmp / "config.json", hf)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+        gen.update(generation_config or {})
+        write_json_atomic(tmp / "generation_config.json", gen)
+        _write_tokenizer(tokenizer, tmp)
+    return path
+
+
+def load_quantized(directory: Path, hf: dict, state: dict[str, torch.Tensor], device="cpu",
+                   dtype: torch.dtype = torch.float32) -> MobileLLM:
+    """Build the quantized model a directory describes (called by checkpoint.load_model_dir)."""
+    from mobilellm.checkpoint import config_from_hf
+
+    quant = hf["quantization"]
+    if not isinstance(quant, dict) or quant.get("format_version") != FORMAT_VERSION:
+        raise MobileLLMError(f"{directory}/config.json: unsupported quantization section {quant!r} "
+                             f"(this version reads format_version {FORMAT_VERSION}); re-run mobilellm quantize")
+    cfg = config_from_hf(hf)
+    spec = scheme_from_name(quant.get("scheme", "?"), quant.get("group_size") or 32)
+    emb = _embedding_quant(quant.get("embedding", "none"), quant.get("embedding_group_size") or 32)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    with torch.device("meta"):
+        model = MobileLLM(cfg)
+    model = model.to_empty(device="cpu")
+
+    def take(key: str) -> torch.Tensor:
+        try:
+            return state.pop(key)
+        except KeyError:
+            raise MobileLLMError(f"weights in {directory} lack {key!r}: the file does not match its config") from None
+
+    def take_quantized(prefix: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = take(prefix + ".weight"), take(prefix + ".weight_scale")
+        q = unpack_int4(q) if bits == 4 else q
+        if q.dtype != torch.int8 or q.dim() != 2 or scale.dim() != 2 or scale.shape[0] != q.shape[0]:
+            raise MobileLLMError(f"weights in {directory}: {prefix} is not a valid int{bits} matrix with scales")
+        return q, scale
+
+    with torch.no_grad():
+        for name in linear_names(model):
+            linear = model.get_submodule(name)
+            q, scale = take_quantized(name, spec.weight_bits)
+            if tuple(q.shape) != (linear.out_features, linear.in_features):
+                raise MobileLLMError(f"weight {name} in {directory} has shape {tuple(q.shape)}, config expects "
+                                     f"{(linear.out_features, linear.in_features)}")
+            _set_module(model, name, QuantizedLinear(q, scale, spec.weight_bits, spec.dynamic_activations))
+        if emb is not None:
+            bits, _ = emb
+            model.embed_tokens = QuantizedEmbedding(*take_quantized("embed_tokens", bits), bits)
+            if model.lm_head is not None:
+                model.lm_head = QuantizedLinear(*take_quantized("lm_head", bits), bits, dynamic_activations=False)
+        rest = model.state_dict()
+        floats = {k: state[k] for k in rest if k in state}
+        missing = [k for k in rest if k not in state and not k.endswith(("weight_q", "weight_scale"))]
+        if missing or set(state) - set(floats):
+            raise MobileLLMError(f"weights in {directory} do not match its config: missing {missing[:3]}, "
+                                 f"unexpected {sorted(set(state) - set(floats))[:3]}")
+        model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False)
+    model.quantization = dict(quant)
+    return model.to(device).eval()
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    import json
+
+    try:
+        return "quantization" in json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+# ---- fast CPU path ---------------------------------------------------------------------------
+
+
+def to_fast_cpu(model: MobileLLM) -> MobileLLM:
+    """Swap int8 Linears for torch.ao's dynamic qint8 Linear (fbgemm/x86 kernels), the fastest CPU path.
+
+    Weights keep their exact integers and per-channel scales; activations are quantized per tensor
+    (not per token) by that kernel, so w8a8 results move slightly. 4-bit layers stay as they are.
+    """
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQLinear
+
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, QuantizedLinear) or mod.bits != 8 or mod.weight_scale.shape[1] != 1:
+            continue
+        with warnings.catch_warnings():  # torch marks the quantized tensor API deprecated; still the fastest here
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(
+                mod.weight_q, mod.weight_scale[:, 0].double(), torch.zeros(mod.out_features, dtype=torch.long), 0)
+            fast = DynamicQLinear(mod.in_features, mod.out_features, bias_=False, dtype=torch.qint8)
+            fast.set_weight_bias(qweight, None)
+        _set_module(model, name, fast)
+    return model
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    from mobilellm.checkpoint import has_tokenizer, load_model_dir
+
+    src = Path(args.model)
+    if not src.is_dir():
+        raise MobileLLMError(f"model directory {src} does not exist")
+    if is_quantized_dir(src):
+        raise MobileLLMError(f"{src} is already quantized; quantize its float model directory instead")
+    if Path(args.output).resolve() == src.resolve():
+        raise MobileLLMError("--output must differ from the input model directory")
+    model = load_model_dir(src)
+    quantize_model(model, args.scheme, group_size=args.group_size, embedding=args.embedding)
+    save_quantized_dir(model, args.output, tokenizer=src if has_tokenizer(src) else None)
+    gen = src / "generation_config.json"
+    if gen.exists():
+        (Path(args.output) / "generation_config.json").write_bytes(gen.read_bytes())
+    before = sum(f.stat().st_size for f in src.glob("model*.safetensors")) or 0
+    after = (Path(args.output) / "model.safetensors").stat().st_size
+    ratio = f" ({after / before:.2f}x of {before / 2**20:.1f} MiB)" if before else ""
+    print(f"quantized {src} with {args.scheme}"
+          + (f" (group {args.group_size})" if args.scheme == "8da4w" else "")
+          + f", embedding {args.embedding} -> {args.output}: weights {after / 2**20:.1f} MiB{ratio}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="post-training quantization of a model directory (w8a8, int8, 8da4w)",
+                       description=__doc__.split("\n\n")[1] if __doc__ else None)
+    p.add_argument("model", help="float model directory")
+    p.add_argument("--scheme", required=True, choices=SCHEMES,
+                   help="w8a8: int8 weights per channel + int8 dynamic per-token activations (paper); "
+                        "int8: weight-only; 8da4w: int4 group-wise weights + int8 dynamic activations")
+    p.add_argument("--group-size", type=int, default=32, help="8da4w (and int4 embedding) group size (default 32)")
+    p.add_argument("--embedding", default="none", choices=EMBEDDING_MODES,
+                   help="embedding/output matrix: none (float), int8 (per row) or int4 (group-wise)")
+    p.add_argument("--output", required=True, help="output model directory")
+    p.set_defaults(func=run)
