@@ -16,10 +16,17 @@ COMMAND_MODULES = [
     "mobilellm.tokenizer",
     "mobilellm.data.prepare",
     "mobilellm.train.cli",
+    "mobilellm.quickstart",
+    "mobilellm.study",
+    "mobilellm.finetune.cli",
+    "mobilellm.finetune.api_calling",
     "mobilellm.generate",
     "mobilellm.chat",
     "mobilellm.serve",
     "mobilellm.eval.cli",
+    "mobilellm.quantize",
+    "mobilellm.export.cli",
+    "mobilellm.bench",
 ]
 
 
