@@ -31,7 +31,8 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mobilellm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mobilellm", description="Train, evaluate, quantize, export and serve "
+                                     "MobileLLM-style sub-billion-parameter language models.")
     parser.add_argument("--version", action="version", version=f"mobilellm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in COMMAND_MODULES:

@@ -107,7 +107,7 @@ def register(sub) -> None:
                        description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--steps", type=int, default=240, help="training steps of 8 x 256 tokens (default: 240)")
-    p.add_argument("--minutes", type=float, default=7.0, help="training time limit in minutes (default: 7)")
+    p.add_argument("--minutes", type=float, default=6.0, help="training time limit in minutes (default: 6)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary (default: 4096)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
