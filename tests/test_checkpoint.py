@@ -191,3 +191,17 @@ def test_info_cli(tmp_path):
     assert "4 physical blocks, 8 logical layers" in out
     bad = run_cli("info", "mobilellm-9b")
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "unknown preset" in bad.stderr
+
+
+def test_atomic_writes_use_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from mobilellm.fileio import write_text_atomic
+
+    write_text_atomic(tmp_path / "f.txt", "x")
+    d = save_model_dir(tiny(), tmp_path / "m")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask

@@ -246,7 +246,7 @@ class HFTokenizer(Tokenizer):
     def _save_file(self, path: Path) -> None:
         write_text_atomic(path, self._tk.to_str(pretty=True))
 
-    def __getstate__(self):  # picklable, for data-preparation worker processes
+    def __getstate__(self):  # picklable (worker processes); the JSON string rebuilds the backend
         return {"json": self._tk.to_str(), "config": self.config, "chat_template": self.chat_template}
 
     def __setstate__(self, state):
