@@ -38,17 +38,6 @@ _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 
-def umask_permissions(*paths: Path) -> None:
-    """Give files written through temporary files (created 0600) the permissions the umask allows.
-
-    Tokenizers and prepared data are often shared between users and jobs.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in paths:
-        os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
-
-
 def role_token(role: str) -> str:
     return f"<|{role}|>"
 
@@ -120,7 +109,6 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self._save_file(directory / self.file_name)
         write_json_atomic(directory / "tokenizer_config.json", self.hf_config())
-        umask_permissions(directory / self.file_name, directory / "tokenizer_config.json")
 
     def _save_file(self, path: Path) -> None:
         raise NotImplementedError

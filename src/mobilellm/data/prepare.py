@@ -34,7 +34,7 @@ from mobilellm import __version__
 from mobilellm.data import readers
 from mobilellm.errors import MobileLLMError
 from mobilellm.fileio import atomic_dir, write_json_atomic
-from mobilellm.tokenizer import Tokenizer, load_tokenizer, umask_permissions
+from mobilellm.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "mobilellm-tokens"
 FORMAT_VERSION = 1
@@ -378,7 +378,6 @@ def prepare(
         manifest = _manifest(tok, dtype, sources, counts, per_source, splits, text_field=text_field,
                              txt_mode=txt_mode, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens)
         write_json_atomic(tmp / "manifest.json", manifest)  # last: its presence means the shards are complete
-        umask_permissions(tmp, *tmp.iterdir())
     elapsed = time.perf_counter() - start
     for line in summary(manifest, output, elapsed):
         log(line)
