@@ -32,3 +32,18 @@ def run_cli(*args: str, check: bool = False, timeout: float = 600, **kwargs) -> 
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt` with the model's own KV cache: the reference runtimes match."""
+    from mobilellm.model import KVCache
+
+    cache = KVCache(model.config, 1, len(prompt) + n)
+    tokens, start, out = torch.tensor([prompt]), 0, []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(tokens, cache=cache, start=start)[0, -1].argmax())
+            start += tokens.shape[1]
+            tokens = torch.tensor([[nxt]])
+            out.append(nxt)
+    return out

@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import greedy_tokens, run_cli
 from mobilellm.checkpoint import save_model_dir
 from mobilellm.config import get_preset
-from mobilellm.model import KVCache, MobileLLM
+from mobilellm.model import MobileLLM
 from mobilellm.quantize import quantize_model, save_quantized_dir
 
 pytest.importorskip("executorch")
@@ -26,16 +26,6 @@ def tiny(preset="mobilellm-tiny", n_layers=2):
     return MobileLLM(get_preset(preset, n_layers=n_layers, ffn_dim=192, bos_token_id=None, eos_token_id=None)).eval()
 
 
-def torch_greedy(model, prompt: list[int], n: int) -> list[int]:
-    cache = KVCache(model.config, 1, len(prompt) + n)
-    tokens, start, out = torch.tensor([prompt]), 0, []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(tokens, cache=cache, start=start)[0, -1].argmax())
-            start += tokens.shape[1]
-            tokens = torch.tensor([[nxt]])
-            out.append(nxt)
-    return out
 
 
 def pte_greedy(runner, prompt: list[int], n: int) -> list[int]:
@@ -68,7 +58,7 @@ def test_fp32_pte_matches_pytorch_logits_and_greedy_tokens(fp32_pte):
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= 1e-3
     runner = PteRunner(path)  # fresh program state
-    assert pte_greedy(runner, prompt[0].tolist()[:8], 32) == torch_greedy(model, prompt[0].tolist()[:8], 32)
+    assert pte_greedy(runner, prompt[0].tolist()[:8], 32) == greedy_tokens(model, prompt[0].tolist()[:8], 32)
 
 
 def test_layer_shared_pte_stores_each_block_once(tmp_path, fp32_pte):
@@ -85,7 +75,7 @@ def test_layer_shared_pte_stores_each_block_once(tmp_path, fp32_pte):
         ref = shared(prompt)[0]
     assert (PteRunner(tmp_path / "ls.pte").forward(prompt[0].tolist(), 0) - ref).abs().max() <= 1e-3
     tokens = prompt[0].tolist()
-    assert pte_greedy(PteRunner(tmp_path / "ls.pte"), tokens, 32) == torch_greedy(shared, tokens, 32)
+    assert pte_greedy(PteRunner(tmp_path / "ls.pte"), tokens, 32) == greedy_tokens(shared, tokens, 32)
 
 
 def test_8da4w_pte_matches_our_quantized_model(tmp_path):
@@ -141,4 +131,4 @@ def test_bench_runs_the_pte_and_decodes_the_same_tokens(tmp_path, fp32_pte):
             tmp_path / "r.json", check=True)
     (row,) = json.loads((tmp_path / "r.json").read_text())
     assert row["runtime"] == "executorch" and row["decode_ms_per_token"] > 0 and row["peak_rss_mib"] > 0
-    assert row["output_ids"] == torch_greedy(model, prompt_ids(16, 512), 8)
+    assert row["output_ids"] == greedy_tokens(model, prompt_ids(16, 512), 8)

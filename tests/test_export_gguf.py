@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, shared_data
+from conftest import greedy_tokens, run_cli, shared_data
 from mobilellm.checkpoint import save_model_dir
 from mobilellm.config import get_preset
 from mobilellm.errors import MobileLLMError
-from mobilellm.model import KVCache, MobileLLM
+from mobilellm.model import MobileLLM
 from mobilellm.tokenizer import load_tokenizer, train_tokenizer
 
 pytest.importorskip("gguf")
@@ -30,16 +30,6 @@ def tiny(vocab_size, preset="mobilellm-tiny", **changes):
     return MobileLLM(cfg).eval()
 
 
-def torch_greedy(model, prompt, n):
-    cache = KVCache(model.config, 1, len(prompt) + n)
-    tokens, start, out = torch.tensor([prompt]), 0, []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(tokens, cache=cache, start=start)[0, -1].argmax())
-            start += tokens.shape[1]
-            tokens = torch.tensor([[nxt]])
-            out.append(nxt)
-    return out
 
 
 def open_llama(path, n_ctx=128):
@@ -74,7 +64,7 @@ def check_runs_like_torch(model, model_dir, path, text, tokenizer, atol=1e-3):
             ref = model(torch.tensor([ids]))[0].numpy()
         got = llama_logits(llm, ids)
         assert np.abs(got - ref).max() <= atol
-        assert llama_greedy(llm, ids[:8], 32) == torch_greedy(model, ids[:8], 32)
+        assert llama_greedy(llm, ids[:8], 32) == greedy_tokens(model, ids[:8], 32)
     finally:
         llm.close()
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import greedy_tokens, run_cli
 from mobilellm.checkpoint import save_model_dir
 from mobilellm.config import get_preset
-from mobilellm.model import KVCache, MobileLLM
+from mobilellm.model import MobileLLM
 from mobilellm.quantize import quantize_model, save_quantized_dir
 
 pytest.importorskip("onnxscript")
@@ -22,16 +22,6 @@ def tiny(preset="mobilellm-tiny", **changes):
     return MobileLLM(get_preset(preset, **{"n_layers": 2, "ffn_dim": 192, **changes})).eval()
 
 
-def torch_greedy(model, prompt, n):
-    cache = KVCache(model.config, 1, len(prompt) + n)
-    tokens, start, out = torch.tensor([prompt]), 0, []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(tokens, cache=cache, start=start)[0, -1].argmax())
-            start += tokens.shape[1]
-            tokens = torch.tensor([[nxt]])
-            out.append(nxt)
-    return out
 
 
 def onnx_greedy(runner, prompt, n):
@@ -63,7 +53,7 @@ def test_onnx_with_kv_cache_matches_pytorch(tmp_path, preset):
     assert np.abs(out2[0] - ref[:, 7:]).max() <= 1e-3
     assert out2[1].shape == (3, 2, 9, 16)
     prompt = tokens[0, :8].tolist()
-    assert onnx_greedy(OnnxRunner(tmp_path / "m.onnx"), prompt, 32) == torch_greedy(model, prompt, 32)
+    assert onnx_greedy(OnnxRunner(tmp_path / "m.onnx"), prompt, 32) == greedy_tokens(model, prompt, 32)
 
 
 def test_layer_shared_onnx_stores_each_block_once(tmp_path):
