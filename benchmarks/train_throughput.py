@@ -5,6 +5,10 @@ optimizer steps on random tokens; the first steps (compilation, allocator warm-u
 
     python benchmarks/train_throughput.py --presets mobilellm-125m mobilellm-350m --global-batch 32
 
+`--variants` compares implementation choices of ours in the same run: default (the trainer's
+defaults), flash (cuDNN attention off, so SDPA takes FlashAttention-2), cdt (Inductor's
+coordinate-descent tuning of its generated kernels), or both (flash+cdt).
+
 Ours: MobileLLM blocks compiled one by one, bf16 autocast with a bf16 residual stream, SDPA (flash) attention, fused linear +
 cross-entropy (no full logits tensor), fused AdamW, grad-clip 1.0 -- the code path of
 `mobilellm train`. Baseline: transformers LlamaForCausalLM with the same shape and tied
@@ -43,6 +47,13 @@ def worker(args) -> dict:
         from mobilellm.train.trainer import CausalLMLoss
 
         model = MobileLLM(cfg).to(device).train()
+        variant = set(args.variant.split("+"))
+        if "flash" in variant:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        if "cdt" in variant:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.coordinate_descent_tuning = True
         model.activation_checkpointing = args.ac
         loss_module = CausalLMLoss(model, args.loss_chunk, torch.bfloat16)
         model.residual_dtype = torch.bfloat16  # the trainer's default under bf16 (run.fp32_residual: false)
@@ -106,7 +117,8 @@ def worker(args) -> dict:
     peak = measure_peak_tflops(device)
     flops = 3 * cfg.flops_per_token(T)
     return {
-        "impl": args.worker, "preset": args.preset, "micro_batch": micro, "grad_accum": accum, "ac": args.ac,
+        "impl": args.worker if args.worker == "hf" else f"ours ({args.variant})", "preset": args.preset,
+        "micro_batch": micro, "grad_accum": accum, "ac": args.ac,
         "tok_s": tok_s, "step_ms": 1000 * elapsed / args.steps, "mfu": tok_s * flops / (peak * 1e12),
         "peak_tflops": peak, "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "warmup_s": t_compile,
@@ -126,10 +138,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--loss-chunk", type=int, default=8192)
+    p.add_argument("--variants", nargs="+", default=["default"],
+                   help="ours: default, flash, cdt, or flash+cdt")
     p.add_argument("--output", default=None, help="append JSON lines here")
     p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.ac = bool(int(os.environ.get("BENCH_AC", "0")))
@@ -138,13 +153,14 @@ def main() -> None:
 
     runs = []
     for preset in args.presets:
-        plan = [("ours", mb, False) for mb in args.micro_batches]
+        plan = [("ours", mb, False, v) for v in args.variants for mb in args.micro_batches]
         if args.ac:
-            plan += [("ours", mb, True) for mb in args.micro_batches]
+            plan += [("ours", mb, True, "default") for mb in args.micro_batches]
         if not args.no_baseline:
-            plan.append(("hf", args.baseline_micro_batch or args.global_batch, False))
-        for impl, mb, ac in plan:
+            plan.append(("hf", args.baseline_micro_batch or args.global_batch, False, "default"))
+        for impl, mb, ac, variant in plan:
             cmd = [sys.executable, __file__, "--worker", impl, "--preset", preset, "--micro-batch", str(mb),
+                   "--variant", variant,
                    "--seq-len", str(args.seq_len), "--global-batch", str(args.global_batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--loss-chunk", str(args.loss_chunk)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_AC": str(int(ac))})
@@ -153,7 +169,7 @@ def main() -> None:
                 result = json.loads(lines[-1][7:])
             else:
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                result = {"impl": impl, "preset": preset, "micro_batch": mb, "ac": ac, "error": err[:200]}
+                result = {"impl": impl if impl == "hf" else f"ours ({variant})", "preset": preset, "micro_batch": mb, "ac": ac, "error": err[:200]}
             runs.append(result)
             print(json.dumps(result), flush=True)
             if args.output:

@@ -1,6 +1,8 @@
-"""Fine-tuning: assistant-only loss masks, packing without leaks, distillation, bad input, the command."""
+"""Fine-tuning: assistant-only loss masks, packing without leaks, distillation (and its teacher cache), bad input,
+the command."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,10 +13,11 @@ from mobilellm.checkpoint import save_model_dir
 from mobilellm.config import get_preset
 from mobilellm.errors import MobileLLMError
 from mobilellm.finetune import data as sft
-from mobilellm.finetune.distill import Distiller
+from mobilellm.finetune.distill import Distiller, TeacherCache
 from mobilellm.model import MobileLLM
 from mobilellm.tokenizer import train_tokenizer
-from mobilellm.train.trainer import CausalLMLoss
+from mobilellm.train import config as train_config
+from mobilellm.train.trainer import CausalLMLoss, TrainData, train
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Set an alarm for 7 am"},
@@ -86,6 +89,164 @@ def test_distillation_from_an_identical_teacher_has_zero_kl(tokenizer):
     assert kl2.item() > 1e-4
     (ce2 + kl2).backward()
     assert model.embed_tokens.weight.grad is not None
+
+
+@pytest.fixture(scope="module")
+def distill_setup(tmp_path_factory, tokenizer):
+    """A student and a different teacher (tiny model directories), and 9 packed rows of 64 tokens."""
+    root = tmp_path_factory.mktemp("distill")
+    for name in ("student", "teacher"):
+        save_model_dir(MobileLLM(get_preset("mobilellm-tiny", vocab_size=300, max_seq_len=64)), root / name,
+                       tokenizer=tokenizer)
+    rows = sft.pack([sft.tokenize_conversation(c, tokenizer) for c in CONVERSATIONS * 3], 64, 0, packing=True)
+    return root, rows
+
+
+def _finetune(root, rows, out, **distill) -> list[float]:
+    """Two epochs of distillation through the trainer; the per-step losses."""
+    items = {"model.preset": "none", "model.init_from": root / "student", "data.train": "[unused]",
+             "data.seq_len": 64, "batch.micro_batch": 2, "run.epochs": 2, "optim.lr": 1e-3,
+             "schedule.kind": "linear", "schedule.warmup_steps": 0, "run.device": "cpu", "run.out_dir": out,
+             "run.tensorboard": False, "run.eval_batches": 0, "run.log_every": 100,
+             "distill.teacher": root / "teacher", **{f"distill.{k}": v for k, v in distill.items()}}
+    cfg = train_config.load(None, [f"{k}={v}" for k, v in items.items()])
+
+    def data_fn(c, m, env):
+        stream = sft.SFTStream(rows, 2, seed=1)
+        return TrainData(stream=stream, val_batches=None, tokenizer=None, steps_per_epoch=math.ceil(len(rows) / 2))
+
+    return [loss for _, loss in train(cfg, progress=False, data_fn=data_fn).losses]
+
+
+def _count_teacher_rows(monkeypatch) -> list[int]:
+    """Rows each teacher forward sees, for every Distiller built from a directory from now on."""
+    calls, build = [], Distiller.from_dir.__func__
+
+    def from_dir(cls, *args, **kwargs):
+        distiller = build(cls, *args, **kwargs)
+        forward = distiller.teacher.hidden_states
+        distiller.teacher.hidden_states = lambda x, **kw: (calls.append(x.shape[0]), forward(x, **kw))[1]
+        return distiller
+
+    monkeypatch.setattr(Distiller, "from_dir", classmethod(from_dir))
+    return calls
+
+
+def test_cached_teacher_gives_the_uncached_losses(distill_setup, tmp_path, monkeypatch):
+    root, rows = distill_setup
+    reference = _finetune(root, rows, tmp_path / "live")
+    teacher_rows = _count_teacher_rows(monkeypatch)
+    cached = _finetune(root, rows, tmp_path / "cached", cache_dir=tmp_path / "cache")
+    # float16 teacher logits are off by <= 2^-11 relative; here that moves the losses by ~1e-7
+    np.testing.assert_allclose(cached, reference, rtol=1e-4, atol=1e-5)
+    assert len(reference) == 10 and reference[-1] < reference[0]
+    # 20 row slots over 2+ epochs, but the teacher saw each of the 9 rows once
+    assert sum(teacher_rows) == len(rows)
+    assert len(list((tmp_path / "cache").glob("row-*.npy"))) == len(rows)
+    # a resumed or repeated run reuses the cache: no teacher forward at all
+    teacher_rows.clear()
+    again = _finetune(root, rows, tmp_path / "again", cache_dir=tmp_path / "cache")
+    assert teacher_rows == [] and again == cached
+
+
+def test_second_pass_over_cached_rows_skips_the_teacher(distill_setup, tmp_path):
+    root, rows = distill_setup
+    student = MobileLLM(get_preset("mobilellm-tiny", vocab_size=300))
+    teacher = MobileLLM(get_preset("mobilellm-tiny", vocab_size=300))
+    calls = []
+    forward = teacher.hidden_states
+    teacher.hidden_states = lambda x, **kw: (calls.append(x.shape[0]), forward(x, **kw))[1]
+    cache = TeacherCache.open(tmp_path / "cache", root / "teacher", rows, 300)
+    distiller = Distiller(teacher, chunk_tokens=16, cache=cache)
+    stream = sft.SFTStream(rows, 3, seed=0)  # 9 rows: one epoch = 3 batches
+
+    def epoch():
+        out = []
+        for _ in range(3):
+            b = next(stream)
+            with torch.no_grad():
+                h = student.hidden_states(b["inputs"], positions=b["positions"], attn_mask=b["attn_mask"])
+                out.append(distiller.losses(h, student.output_weight, b["inputs"], b["targets"], b["positions"],
+                                            b["attn_mask"], b["row_ids"]))
+        return out
+
+    epoch()
+    assert sum(calls) == len(rows)
+    calls.clear()
+    second = epoch()  # another order, so other batches
+    assert calls == []  # every row came from disk
+    assert all(kl.item() > 0 for _, kl in second)
+    # a new run over the same folder (a resume) reads it too
+    reopened = Distiller(teacher, chunk_tokens=16, cache=TeacherCache.open(tmp_path / "cache", root / "teacher", rows,
+                                                                           300))
+    b = next(stream)
+    with torch.no_grad():
+        h = student.hidden_states(b["inputs"], positions=b["positions"], attn_mask=b["attn_mask"])
+        reopened.losses(h, student.output_weight, b["inputs"], b["targets"], b["positions"], b["attn_mask"],
+                        b["row_ids"])
+    assert calls == []
+    # validation-style batches (no row_ids) still run the teacher on the fly
+    b = sft.collate(rows[:2])
+    h = student.hidden_states(b["inputs"], positions=b["positions"], attn_mask=b["attn_mask"])
+    distiller.losses(h, student.output_weight, b["inputs"], b["targets"], b["positions"], b["attn_mask"])
+    assert calls == [2]
+
+
+def test_a_cache_for_other_data_or_another_teacher_is_refused(distill_setup, tmp_path, tokenizer):
+    root, rows = distill_setup
+    cache = tmp_path / "cache"
+    TeacherCache.open(cache, root / "teacher", rows, 300)
+    TeacherCache.open(cache, root / "teacher", rows, 300)  # the same teacher and rows: reused
+    other_rows = [dict(r, inputs=r["inputs"][::-1].copy()) for r in rows]
+    with pytest.raises(MobileLLMError, match=r"another data: delete the folder or use another one"):
+        TeacherCache.open(cache, root / "teacher", other_rows, 300)
+    with pytest.raises(MobileLLMError, match=r"row count: delete the folder"):
+        TeacherCache.open(cache, root / "teacher", rows[:-1], 300)
+    with pytest.raises(MobileLLMError, match=r"another teacher \(weights\)"):
+        TeacherCache.open(cache, root / "student", rows, 300)
+    with pytest.raises(MobileLLMError, match=r"another top_k"):
+        TeacherCache.open(cache, root / "teacher", rows, 300, top_k=8)
+    # the command refuses it before training, in one line
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    proc = run_cli("finetune", root / "student", "--data", data, "--out", tmp_path / "ft", "--teacher",
+                   root / "student", "--distill-cache", cache, "--seq-len", "64", "--no-progress")
+    assert proc.returncode != 0 and "delete the folder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    # pretraining sees each row once: a cache is refused before training starts
+    cfg = train_config.load(None, ["model.preset=mobilellm-tiny", f"data.train=[{tmp_path / 'prepared'}]",
+                                   "data.seq_len=64", "run.max_steps=1", "run.device=cpu",
+                                   f"run.out_dir={tmp_path / 'pt'}", f"distill.teacher={root / 'teacher'}",
+                                   f"distill.cache_dir={tmp_path / 'c2'}"])
+    with pytest.raises(MobileLLMError, match="distill.cache_dir is for fine-tuning"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "pt").exists() and not (tmp_path / "c2").exists()
+
+
+def test_top_k_cache_keeps_an_identical_teacher_at_zero_kl(distill_setup, tmp_path):
+    root, rows = distill_setup
+    model = MobileLLM(get_preset("mobilellm-tiny", vocab_size=300))
+    teacher = MobileLLM(get_preset("mobilellm-tiny", vocab_size=300))
+    teacher.load_state_dict(model.state_dict())
+    cache = TeacherCache.open(tmp_path / "cache", root / "teacher", rows, 300, top_k=8)
+    distiller = Distiller(teacher, alpha=0.3, temperature=2.0, chunk_tokens=16, cache=cache)
+    batch = sft.collate(rows[:4], row_ids=[0, 1, 2, 3])
+    args = (batch["inputs"], batch["targets"], batch["positions"], batch["attn_mask"], batch["row_ids"])
+    hidden = model.hidden_states(batch["inputs"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+    plain = CausalLMLoss(model, 64, torch.float32)(**{k: v for k, v in batch.items() if k != "row_ids"})
+    for _ in range(2):  # fills the cache, then reads it
+        ce, kl = distiller.losses(hidden, model.output_weight, *args)
+        assert abs(kl.item()) < 1e-5  # float16 rounding of the 8 kept logits only
+        torch.testing.assert_close(ce, 0.7 * plain, atol=1e-5, rtol=1e-5)
+    values, ids = cache.get(0)
+    assert values.shape == ids.shape == (64, 8) and values.dtype == np.float16 and ids.dtype == np.int32
+    # a different student gets a positive KL over the teacher's top 8, and gradients
+    other = MobileLLM(get_preset("mobilellm-tiny", vocab_size=300))
+    h2 = other.hidden_states(batch["inputs"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+    ce2, kl2 = distiller.losses(h2, other.output_weight, *args)
+    assert kl2.item() > 1e-4
+    (ce2 + kl2).backward()
+    assert other.embed_tokens.weight.grad is not None
 
 
 def test_malformed_conversations_are_counted(tmp_path):

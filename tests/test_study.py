@@ -105,3 +105,38 @@ def test_shipped_study_specs_are_valid(spec):
 
     check_budget(s, configs)
     assert len(configs) >= 2
+
+
+def test_several_specs_share_data_and_duplicate_runs_in_workers(tmp_path, corpus):
+    first = write_spec(tmp_path, corpus, tmp_path / "tok")
+    second = tmp_path / "second.yaml"
+    text = open(first).read().replace("name: micro", "name: micro2")
+    text = text.replace("  - name: shallow-wide\n", "  - name: wide-2\n").replace("dim: 64, n_layers: 1,", "dim: 48, n_layers: 2,")
+    second.write_text(text)  # deep-thin is the same run in both specs; wide-2 is new
+    out = tmp_path / "studies"
+    proc = run_cli("study", first, second, "--out", out, "--jobs", "2", check=True)
+    assert "same run as" in proc.stdout
+    assert not (out / "micro2" / "data").exists()  # identical prepare sections: prepared once
+    a = json.loads((out / "micro" / "runs" / "deep-thin" / "eval.json").read_text())
+    b = json.loads((out / "micro2" / "runs" / "deep-thin" / "eval.json").read_text())
+    assert b["same_as"].endswith("deep-thin") and b["results"] == a["results"]
+    assert not (out / "micro2" / "runs" / "deep-thin" / "final").exists()  # not trained twice
+    wide = json.loads((out / "micro2" / "runs" / "wide-2" / "eval.json").read_text())
+    assert wide["logical_layers"] == 2 and wide["hardware"] and wide["results"]["val"]["loss"] > 0
+    assert "training" in (out / "micro2" / "runs" / "wide-2" / "study.log").read_text()
+    for name in ("micro", "micro2"):
+        assert len(json.loads((out / name / "results.json").read_text())["runs"]) == 2
+    rerun = run_cli("study", first, second, "--out", out, "--jobs", "2", check=True)
+    assert "started" not in rerun.stdout  # everything finished is reused
+
+
+def test_per_task_eval_limits(tmp_path, corpus):
+    spec = write_spec(tmp_path, corpus, tmp_path / "tok")
+    text = open(spec).read().replace("  tasks: [val]\n", "  tasks: [val]\n  limit: {val: 3}\n")
+    open(spec, "w").write(text)
+    result = run_study(spec, tmp_path / "s", only=["deep-thin"])
+    assert result["records"][0]["results"]["val"]["samples"] == 3
+    bad = open(spec).read().replace("limit: {val: 3}", "limit: {lambada: 3}")
+    open(spec, "w").write(bad)
+    with pytest.raises(MobileLLMError, match="does not list"):
+        load_spec(spec)

@@ -155,7 +155,8 @@ def test_llama_ids_equal_transformers(llama):
     """sentencepiece ids == transformers 5.x AutoTokenizer ids on the saved directory.
 
     Includes leading and repeated spaces, where transformers' LlamaTokenizer class (not used by our
-    saved config) differs. Not included: literal "<s>" in text, which transformers parses as BOS.
+    saved config) differs. Special-token strings in the text ("</s>" of a rendered chat template)
+    become their ids, as in transformers; with parse_special=False they stay text.
     """
     transformers = pytest.importorskip("transformers")
     tok, out, _ = llama
@@ -166,6 +167,10 @@ def test_llama_ids_equal_transformers(llama):
         assert hf.encode(sample, add_special_tokens=False) == tok.encode(sample), sample[:40]
         assert hf.encode(sample) == tok.encode(sample, bos=True)
     assert hf.decode(tok.encode(text), skip_special_tokens=True) == tok.decode(tok.encode(text)) == text
+    for sample in ["a</s>b", "x</s> y<s>z", "<|user|>\nhi</s><|assistant|>\nok</s>", "</s></s>", "<unk> text"]:
+        assert tok.encode(sample) == hf.encode(sample, add_special_tokens=False), sample
+    assert 2 in tok.encode("hi</s>") and 2 not in tok.encode("hi</s>", parse_special=False)
+    assert tok.encode_batch(["a</s>", "plain"]) == [tok.encode("a</s>"), tok.encode("plain")]
 
 
 def test_smollm2_tokenizer_json():

@@ -1,4 +1,4 @@
-"""`mobilellm study <spec.yaml>`: train and evaluate model variants under one recipe, then compare.
+"""`mobilellm study <spec.yaml> [...]`: train and evaluate model variants under one recipe, then compare.
 
 A spec names the data, one training recipe shared by every variant, the evaluation, and the
 variants (a preset plus ModelConfig overrides each). Every variant is trained with the same data,
@@ -9,15 +9,25 @@ interrupted one resumes from its newest checkpoint.
     <out>/runs/<variant>/            a training run (config, metrics, checkpoints, final/) + eval.json
     <out>/results.{md,csv,json}      the table
     <out>/loss_curves.png, loss_vs_depth.png, accuracy_vs_params.png
+
+Several specs in one command share their work: identical `prepare` sections are prepared once, and
+a run whose training config, data and evaluation equal another's (the same baseline in two
+studies) is trained once and its results copied. `--jobs N` trains N runs at a time in worker
+processes (one GPU each on a multi-GPU machine; small models also share one GPU well).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import hashlib
 import io
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,12 +105,17 @@ def load_spec(path: str | Path) -> StudySpec:
             raise MobileLLMError(f"study spec {p}: variant {item['name']!r} has unknown keys {extra}")
         variants.append(Variant(name=str(item["name"]), model=item["model"], train=item.get("train") or {},
                                 seeds=item.get("seeds") or [None], budget_exempt=bool(item.get("budget_exempt"))))
+    evaluation = raw.get("eval") or {"tasks": ["val"]}
+    unknown = sorted(set(evaluation) - {"tasks", "data_dir", "limit", "batch_size"})
+    if unknown:
+        raise MobileLLMError(f"study spec {p}: unknown eval keys {unknown}; known: batch_size, data_dir, limit, tasks")
+    _eval_groups(evaluation)
     names = [n for v in variants for n, _ in v.runs()]
     if len(set(names)) != len(names):
         raise MobileLLMError(f"study spec {p}: variant names must be unique")
     return StudySpec(name=str(raw.get("name") or p.stem), description=raw.get("description", ""),
                      variants=variants, train=raw.get("train") or {}, data=raw.get("data"),
-                     prepare=raw.get("prepare"), eval=raw.get("eval") or {"tasks": ["val"]},
+                     prepare=raw.get("prepare"), eval=evaluation,
                      param_budget=raw.get("param_budget"))
 
 
@@ -163,10 +178,43 @@ def prepare_data(spec: StudySpec, out: Path) -> Path:
     return data_dir
 
 
-def run_variant(spec: StudySpec, variant: Variant, run_name: str, cfg, data_dir: Path, out: Path) -> dict:
+def _eval_groups(ev: dict) -> list[tuple[list[str], int | None]]:
+    """Tasks grouped by document limit: `limit` is one number for every task or {task: n}."""
+    tasks = list(ev.get("tasks", ["val"]))
+    limit = ev.get("limit")
+    if not isinstance(limit, dict):
+        return [(tasks, limit)]
+    unknown = sorted(set(limit) - set(tasks))
+    if unknown:
+        raise MobileLLMError(f"study spec: eval.limit names tasks that eval.tasks does not list: {unknown}")
+    groups: dict = {}
+    for task in tasks:
+        groups.setdefault(limit.get(task), []).append(task)
+    return [(names, lim) for lim, names in groups.items()]
+
+
+def hardware() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def run_variant(spec: StudySpec, variant: Variant, run_name: str, cfg, data_dir: Path, progress: bool = True) -> dict:
     """Train (or resume) and evaluate one run; reuse both when already done."""
     from mobilellm.checkpoint import load_model_dir
-    from mobilellm.eval.evaluator import evaluate
+    from mobilellm.eval.evaluator import code_version, evaluate
     from mobilellm.tokenizer import load_tokenizer
     from mobilellm.train.trainer import train
 
@@ -175,18 +223,21 @@ def run_variant(spec: StudySpec, variant: Variant, run_name: str, cfg, data_dir:
     if done.exists():
         print(f"study: {run_name}: done, reusing {run_dir}")
         return json.loads(done.read_text())
-    print(f"study: {run_name}: training")
+    print(f"study: {run_name}: training", flush=True)
     started = time.perf_counter()
-    result = train(cfg, resume="auto", progress=True)
+    result = train(cfg, resume="auto", progress=progress)
     train_s = time.perf_counter() - started
-    model = load_model_dir(result.final_dir)
-    ev = dict(spec.eval)
-    tasks = ev.pop("tasks", ["val"])
-    report = evaluate(model, load_tokenizer(result.final_dir), tasks, data_dir=ev.pop("data_dir", None),
-                      manifest=data_dir, seq_len=cfg.data.seq_len, limit=ev.pop("limit", None),
-                      batch_size=ev.pop("batch_size", 32), progress=True)
-    if ev:
-        raise MobileLLMError(f"study spec: unknown eval keys {sorted(ev)}")
+    import torch
+
+    use_cuda = cfg.run.device in ("auto", "cuda") and torch.cuda.is_available()
+    model = load_model_dir(result.final_dir, device="cuda" if use_cuda else "cpu")
+    ev = spec.eval
+    started, results = time.perf_counter(), {}
+    for tasks, limit in _eval_groups(ev):
+        report = evaluate(model, load_tokenizer(result.final_dir), tasks, data_dir=ev.get("data_dir"),
+                          manifest=data_dir, seq_len=cfg.data.seq_len, limit=limit,
+                          batch_size=ev.get("batch_size", 32), progress=progress)
+        results.update(report["results"])
     mc = model.config
     record = {
         "run": run_name, "variant": variant.name, "seed": cfg.run.seed, "params": mc.num_params(),
@@ -194,8 +245,10 @@ def run_variant(spec: StudySpec, variant: Variant, run_name: str, cfg, data_dir:
         "kv_heads": mc.n_kv_heads, "ffn": mc.ffn_dim, "ffn_type": mc.ffn_type, "tied": mc.tie_embeddings,
         "sharing": mc.layer_sharing if mc.layer_sharing == "none" else f"{mc.layer_sharing}x{mc.share_repeats}",
         "steps": result.steps, "tokens": result.tokens, "train_seconds": round(train_s, 1),
+        "eval_seconds": round(time.perf_counter() - started, 1),
         "final_train_loss": result.losses[-1][1] if result.losses else None,
-        "results": report["results"],
+        "results": {task: results[task] for task in ev.get("tasks", ["val"])},
+        "hardware": hardware(), "code_version": code_version(),
     }
     write_json_atomic(done, record)
     return record
@@ -318,23 +371,132 @@ def write_plots(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def run_study(spec_path: str | Path, out: str | Path | None = None, only: list[str] | None = None) -> dict:
-    spec = load_spec(spec_path)
-    out = Path(out or Path("runs") / "study" / spec.name)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "spec.yaml", Path(spec_path).read_text(encoding="utf-8"))
-    data_dir = prepare_data(spec, out)
-    configs = {}
-    for variant in spec.variants:
-        for run_name, seed in variant.runs():
-            if only and variant.name not in only and run_name not in only:
-                continue
-            configs[run_name] = variant, variant_config(spec, variant, seed, data_dir, out / "runs" / run_name)
-    if not configs:
-        raise MobileLLMError(f"--only {only} matches no variant of {spec.name}")
-    check_budget(spec, configs)  # all configs are checked before the first run starts
-    records = [run_variant(spec, variant, run_name, cfg, data_dir, out)
-               for run_name, (variant, cfg) in configs.items()]
+# ---- planning and running several specs ----------------------------------------------------------
+
+
+@dataclass
+class Job:
+    spec_path: Path
+    spec: StudySpec
+    out: Path  # the spec's output folder
+    variant: Variant
+    run_name: str
+    cfg: object  # TrainConfig
+    data_dir: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.out_dir)
+
+    def key(self) -> str:
+        """Runs with equal keys train the same model on the same data and evaluate it the same way."""
+        train = self.cfg.to_dict()
+        train["run"].pop("out_dir")
+        blob = json.dumps({"train": train, "data": str(self.data_dir.resolve()), "eval": self.spec.eval},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def spec_outputs(spec_paths: list[Path], out: str | Path | None) -> list[tuple[Path, StudySpec, Path]]:
+    """(spec file, spec, output folder): one spec writes to --out itself, several to --out/<name>."""
+    specs = [(Path(p), load_spec(p)) for p in spec_paths]
+    names = [s.name for _, s in specs]
+    if len(set(names)) != len(names):
+        raise MobileLLMError(f"study specs must have different names, got {names}")
+    if len(specs) == 1:
+        return [(specs[0][0], specs[0][1], Path(out or Path("runs") / "study" / specs[0][1].name))]
+    root = Path(out or Path("runs") / "study")
+    return [(p, s, root / s.name) for p, s in specs]
+
+
+def plan(spec_paths: list, out=None, only: list[str] | None = None) -> list[Job]:
+    """Every run of every spec, configs validated and budgets checked before anything trains."""
+    jobs, prepared = [], {}
+    for spec_path, spec, spec_out in spec_outputs(spec_paths, out):
+        spec_out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(spec_out / "spec.yaml", spec_path.read_text(encoding="utf-8"))
+        key = json.dumps(spec.prepare, sort_keys=True) if spec.prepare else None
+        if key is not None and key in prepared:
+            data_dir = prepared[key]  # the same data another spec of this command prepares
+        else:
+            data_dir = Path(spec.data) if spec.data else spec_out / "data"
+            prepared[key] = data_dir
+        configs = {}
+        for variant in spec.variants:
+            for run_name, seed in variant.runs():
+                if only and variant.name not in only and run_name not in only:
+                    continue
+                cfg = variant_config(spec, variant, seed, data_dir, spec_out / "runs" / run_name)
+                configs[run_name] = variant, cfg
+                jobs.append(Job(spec_path, spec, spec_out, variant, run_name, cfg, data_dir))
+        check_budget(spec, configs)
+    if not jobs:
+        raise MobileLLMError(f"--only {only} matches no variant of the given specs")
+    return jobs
+
+
+def prepare_all(jobs: list[Job]) -> None:
+    for job in {j.data_dir: j for j in jobs}.values():
+        if job.spec.prepare and not (job.data_dir / "manifest.json").exists():
+            prepare_data(job.spec, job.data_dir.parent)
+
+
+def copy_results(source: Job, target: Job) -> None:
+    """A duplicate run: the same results under the other spec's name, and a note where they came from."""
+    record = json.loads((source.run_dir / "eval.json").read_text())
+    record.update(run=target.run_name, variant=target.variant.name, same_as=str(source.run_dir))
+    target.run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = source.run_dir / "metrics.jsonl"
+    if metrics.exists():
+        shutil.copyfile(metrics, target.run_dir / "metrics.jsonl")
+    write_json_atomic(target.run_dir / "eval.json", record)
+    print(f"study: {target.run_name} ({target.spec.name}): same run as {source.run_dir}, results copied")
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_in_workers(jobs: list[Job], n_jobs: int) -> None:
+    """Train and evaluate `jobs` in up to n_jobs worker processes; each logs to <run>/study.log."""
+    gpus = _gpu_count()
+    pending, running, failed = list(jobs), {}, []
+    free_slots = list(range(n_jobs))
+    while pending or running:
+        while pending and free_slots:
+            job, slot = pending.pop(0), free_slots.pop(0)
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if gpus > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+            cmd = [sys.executable, "-m", "mobilellm", "study", str(job.spec_path), "--out", str(job.out),
+                   "--worker", job.run_name, "--data-dir", str(job.data_dir)]
+            log = open(job.run_dir / "study.log", "a", encoding="utf-8")
+            running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)] = (job, slot, log,
+                                                                                            time.perf_counter())
+            print(f"study: {job.run_name} ({job.spec.name}): started (worker {slot})", flush=True)
+        time.sleep(1)
+        for proc in [p for p in running if p.poll() is not None]:
+            job, slot, log, t0 = running.pop(proc)
+            log.close()
+            free_slots.append(slot)
+            if proc.returncode == 0 and (job.run_dir / "eval.json").exists():
+                print(f"study: {job.run_name} ({job.spec.name}): done in {time.perf_counter() - t0:.0f} s", flush=True)
+            else:
+                tail = (job.run_dir / "study.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+                print(f"study: {job.run_name} ({job.spec.name}): FAILED (exit {proc.returncode}): {tail[0]}",
+                      flush=True)
+                failed.append(job)
+    if failed:
+        names = ", ".join(f"{j.spec.name}/{j.run_name}" for j in failed)
+        raise MobileLLMError(f"{len(failed)} run(s) failed: {names}; see study.log in their run folders "
+                             "(finished runs are kept; rerun the same command to retry)")
+
+
+def report(spec: StudySpec, out: Path, jobs: list[Job]) -> dict:
+    records = [json.loads((j.run_dir / "eval.json").read_text()) for j in jobs]
     rows = table_rows(records)
     write_json_atomic(out / "results.json", {"study": spec.name, "runs": records})
     markdown = write_tables(rows, out, spec)
@@ -342,18 +504,75 @@ def run_study(spec_path: str | Path, out: str | Path | None = None, only: list[s
     return {"out": out, "markdown": markdown, "plots": plots, "records": records}
 
 
+def run_study(spec_paths, out: str | Path | None = None, only: list[str] | None = None, jobs: int = 1) -> list[dict]:
+    """Plan, prepare, train/evaluate (skipping finished and duplicate runs), then tabulate each spec.
+
+    Returns one result per spec: {out, markdown, plots, records}. A single spec path may be given as is.
+    """
+    if isinstance(spec_paths, (str, Path)):
+        return run_study([spec_paths], out, only, jobs)[0]
+    if not isinstance(jobs, int) or jobs < 1:
+        raise MobileLLMError(f"--jobs must be a positive integer, got {jobs!r}")
+    planned = plan(spec_paths, out, only)
+    prepare_all(planned)
+    first: dict[str, Job] = {}
+    duplicates = []
+    for job in planned:
+        if job.key() in first:
+            duplicates.append((first[job.key()], job))
+        else:
+            first[job.key()] = job
+    unique = list(first.values())
+    if jobs == 1:
+        for job in unique:
+            run_variant(job.spec, job.variant, job.run_name, job.cfg, job.data_dir)
+    else:
+        todo = [j for j in unique if not (j.run_dir / "eval.json").exists()]
+        for job in unique:
+            if job not in todo:
+                print(f"study: {job.run_name}: done, reusing {job.run_dir}")
+        run_in_workers(todo, jobs)
+    for source, target in duplicates:
+        if not (target.run_dir / "eval.json").exists():
+            copy_results(source, target)
+    results = []
+    for spec_out in dict.fromkeys(j.out for j in planned):
+        spec_jobs = [j for j in planned if j.out == spec_out]
+        results.append(report(spec_jobs[0].spec, spec_out, spec_jobs))
+    return results
+
+
+def run_worker(args) -> int:
+    """One run of one spec, inside a worker process started by run_in_workers."""
+    spec = load_spec(args.spec[0])
+    for variant in spec.variants:
+        for run_name, seed in variant.runs():
+            if run_name == args.worker:
+                cfg = variant_config(spec, variant, seed, Path(args.data_dir), Path(args.out) / "runs" / run_name)
+                run_variant(spec, variant, run_name, cfg, Path(args.data_dir), progress=False)
+                return 0
+    raise MobileLLMError(f"spec {args.spec[0]} has no run {args.worker!r}")
+
+
 def run(args) -> int:
-    result = run_study(args.spec, args.out, args.only.split(",") if args.only else None)
-    print(result["markdown"])
-    print(f"results: {result['out']}/results.md, .csv, .json; plots: " + ", ".join(p.name for p in result["plots"]))
+    if args.worker:
+        return run_worker(args)
+    results = run_study(args.spec, args.out, args.only.split(",") if args.only else None, jobs=args.jobs)
+    for result in results:
+        print(result["markdown"])
+        print(f"results: {result['out']}/results.md, .csv, .json; plots: "
+              + ", ".join(p.name for p in result["plots"]))
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("study", help="train and compare model variants at a matched budget (paper ablations)",
                        description=__doc__.split("\n")[0])
-    p.add_argument("spec", help="study spec YAML (see configs/studies/)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/study/<name>)")
-    p.add_argument("--only", default=None, help="comma-separated variant names to run")
+    p.add_argument("spec", nargs="+", help="study spec YAML(s) (see configs/studies/)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: runs/study/<name>; with several specs, their parent folder)")
+    p.add_argument("--only", default=None, help="comma-separated variant or run names to run")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, in worker processes")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
-

@@ -6,13 +6,13 @@ Two backends:
     GPT-2 style ByteLevel pre-tokenizer and decoder, which llama.cpp implements as its "gpt2" pre-tokenizer).
   * `SentencePieceTokenizer` wraps `sentencepiece` (e.g. the LLaMA-2 32k `tokenizer.model`). Its ids are
     plain `sp.encode(text)`, the reference LLaMA tokenization. transformers 5.x `AutoTokenizer` on a
-    directory we save gives the same ids (tested), except that it turns a literal "<s>" in the text into
-    the BOS id where sentencepiece spells it out. A config naming transformers' `LlamaTokenizer` class
+    directory we save gives the same ids (tested). A config naming transformers' `LlamaTokenizer` class
     would not match: that class differs from sentencepiece on leading and repeated spaces, so `save()`
     names the generic `PreTrainedTokenizerFast` instead.
 
-Special tokens in the text ("</s>", "<|user|>") are recognised by `encode` for `tokenizer.json`
-tokenizers (as in transformers, so rendered chat templates work); `parse_special=False` spells them out
+Special tokens in the text ("</s>", "<|user|>") are recognised by `encode` (as in transformers, so
+rendered chat templates work; for SentencePiece, its control pieces such as "<s>" and "</s>" and the
+pieces between them are encoded one by one, like transformers' LLaMA tokenizer); `parse_special=False` spells them out
 as ordinary text, which is what data preparation wants (a literal "</s>" in a web page is not an EOS).
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -272,12 +273,30 @@ class SentencePieceTokenizer(Tokenizer):
         self.chat_template = chat_template if chat_template is not None else _config_chat_template(self.config)
         self.model_max_length = _max_length(self.config)
         self._fingerprint = None
+        # control pieces (<s>, </s>) and <unk>, as text: what a rendered chat template contains
+        self._specials = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)
+                          if self._sp.is_control(i) or self._sp.is_unknown(i)}
+        self._special_split = re.compile("(" + "|".join(map(re.escape, sorted(self._specials, key=len,
+                                                                              reverse=True))) + ")")
 
     def _encode_plain(self, texts: list[str], parse_special: bool) -> list[list[int]]:
-        # Plain sp.encode: it adds its dummy-prefix space itself and never parses "<s>" in the text.
+        # sp.encode adds its dummy-prefix space itself and never parses "</s>" in the text: with
+        # parse_special, special-token strings are split out first and each piece between them is
+        # encoded on its own, which is what transformers' (legacy) LLaMA tokenizer does.
+        if parse_special and any(s in t for t in texts for s in self._specials):
+            return [self._encode_with_specials(t) for t in texts]
         if len(texts) == 1:
             return [self._sp.encode(texts[0])]
         return self._sp.encode(texts, num_threads=self.threads)
+
+    def _encode_with_specials(self, text: str) -> list[int]:
+        ids = []
+        for piece in self._special_split.split(text):
+            if piece in self._specials:
+                ids.append(self._specials[piece])
+            elif piece:
+                ids.extend(self._sp.encode(piece))
+        return ids
 
     def encode_arrays(self, texts: Sequence[str], *, parse_special: bool = True) -> list:
         # sentencepiece fills numpy buffers directly, without building Python int lists.

@@ -70,9 +70,14 @@ def run(args) -> int:
         "schedule.min_lr_ratio": 0.0, "run.epochs": args.epochs, "run.out_dir": out, "run.log_every": 10,
         "run.eval_batches": 1,
     }
+    if args.distill_cache and not args.teacher:
+        raise MobileLLMError("--distill-cache caches a teacher's logits: give --teacher too")
     if args.teacher:
         defaults.update({"distill.teacher": args.teacher, "distill.alpha": args.distill_alpha,
-                         "distill.temperature": args.distill_temperature})
+                         "distill.temperature": args.distill_temperature,
+                         "distill.cache_top_k": args.distill_cache_top_k})
+    if args.distill_cache:
+        defaults["distill.cache_dir"] = args.distill_cache
     items = [f"{k}={v}" for k, v in defaults.items()] + parse_overrides(getattr(args, "overrides", []))
     cfg = train_config.load(None, items)
     result = train(cfg, resume=args.resume, progress=not args.no_progress,
@@ -100,6 +105,10 @@ def register(sub) -> None:
     p.add_argument("--teacher", default=None, help="distill from this model directory (same vocabulary)")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temperature", type=float, default=2.0)
+    p.add_argument("--distill-cache", default=None, metavar="DIR",
+                   help="cache the teacher's logits in DIR: the teacher runs once per row, not once per epoch")
+    p.add_argument("--distill-cache-top-k", type=int, default=0, metavar="K",
+                   help="cache only the teacher's K largest logits per position (default 0: all of them)")
     p.add_argument("--resume", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run, accepts_overrides=True)

@@ -168,9 +168,14 @@ def pack(examples: list[Tokenized], seq_len: int, pad_id: int, packing: bool) ->
     return out
 
 
-def collate(rows: list[dict]) -> dict:
-    """Stack rows; the mask lets a token see earlier tokens of its own example only."""
+def collate(rows: list[dict], row_ids: list[int] | None = None) -> dict:
+    """Stack rows; the mask lets a token see earlier tokens of its own example only.
+
+    row_ids: each row's index in the training set, kept as "row_ids" (the distillation cache's key).
+    """
     batch = {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in ("inputs", "targets", "positions")}
+    if row_ids is not None:
+        batch["row_ids"] = torch.as_tensor(row_ids, dtype=torch.long)
     docs = torch.as_tensor(np.stack([r["docs"] for r in rows]))  # (B, T)
     T = docs.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -184,7 +189,8 @@ class SFTStream:
 
     Same contract as the pretraining BatchStream: each next() is one micro-step of all ranks
     (global batch = micro_batch x world_size rows), and the state is the position in that order,
-    so a resumed run continues with the next unseen rows.
+    so a resumed run continues with the next unseen rows. Batches carry "row_ids" (indices into
+    `rows`, stable across epochs) for the distillation cache.
     """
 
     def __init__(self, rows: list[dict], micro_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
@@ -199,12 +205,12 @@ class SFTStream:
         return self
 
     def __next__(self) -> dict:
-        picked = []
+        ids = []
         for k in range(self.rank * self.micro_batch, (self.rank + 1) * self.micro_batch):
             p = self.position + k
-            picked.append(self.rows[self._order(p // len(self.rows))[p % len(self.rows)]])
+            ids.append(int(self._order(p // len(self.rows))[p % len(self.rows)]))
         self.position += self.global_batch
-        return collate(picked)
+        return collate([self.rows[i] for i in ids], row_ids=ids)
 
     def state_dict(self) -> dict:
         return {"position": self.position, "rows": len(self.rows), "seed": self.seed}

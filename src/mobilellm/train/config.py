@@ -92,6 +92,8 @@ class DistillSection:
     teacher: str | None = None  # a model directory with the same vocabulary; None: no distillation
     alpha: float = 0.5  # weight of the KL term; 1 - alpha on the cross-entropy
     temperature: float = 2.0
+    cache_dir: str | None = None  # fine-tuning: teacher logits on disk, computed once per row (None: no cache)
+    cache_top_k: int = 0  # 0: cache every logit; k > 0: only the teacher's k largest per position
 
 
 @dataclass
@@ -132,6 +134,11 @@ class TrainConfig:
             raise MobileLLMError("batch.micro_batch must be positive")
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             raise MobileLLMError("schedule.min_lr_ratio must be within [0, 1]")
+        if self.distill.cache_dir and not self.distill.teacher:
+            raise MobileLLMError("distill.cache_dir caches a teacher's logits: set distill.teacher too")
+        if self.distill.cache_top_k < 0:
+            raise MobileLLMError(f"distill.cache_top_k must be 0 (whole vocabulary) or positive, "
+                                 f"got {self.distill.cache_top_k}")
 
     def batch_plan(self, world_size: int) -> tuple[int, int]:
         """(grad_accum, global batch in sequences), checking that the split is possible."""

@@ -44,10 +44,11 @@ class CausalLMLoss(nn.Module):
         self.distiller = None  # set for knowledge distillation (finetune/distill.py)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, row_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.model.hidden_states(inputs, positions=positions, attn_mask=attn_mask)  # (B, T, dim)
         if self.distiller is not None:
-            return self.distiller(hidden, self.model.output_weight, inputs, targets, positions, attn_mask)
+            extra = {"row_ids": row_ids} if row_ids is not None else {}  # fine-tuning rows: the teacher cache key
+            return self.distiller(hidden, self.model.output_weight, inputs, targets, positions, attn_mask, **extra)
         return linear_cross_entropy(hidden, self.model.output_weight, targets, self.chunk_tokens, self.compute_dtype)
 
 
@@ -70,7 +71,8 @@ class TrainResult:
 class TrainData:
     """What the loop consumes. `stream`: this rank's endless micro-batches with state_dict() /
     load_state_dict(); `val_batches()`: validation micro-batches. A batch is (inputs, targets) or a
-    dict with inputs, targets and optionally positions, attn_mask and weight (rows that count)."""
+    dict with inputs, targets and optionally positions, attn_mask, row_ids (index of each row in a
+    finite training set) and weight (rows that count)."""
 
     stream: object
     val_batches: Callable[[], Iterable] | None
@@ -82,6 +84,9 @@ def pretraining_data(cfg: TrainConfig, vocab_size: int, env: Dist) -> TrainData:
     """Packed token shards from `mobilellm prepare` (data.train), validation on their val split."""
     from mobilellm.data.loader import BatchStream, PackedTokens, check_tokenizer_matches, validation_batches
 
+    if cfg.distill.cache_dir:
+        raise MobileLLMError("distill.cache_dir is for fine-tuning (rows seen for several epochs); pretraining "
+                             "sees each row once, so a teacher cache would only cost disk: unset it")
     if len(cfg.data.train) != 1:
         raise MobileLLMError("data.train takes exactly one prepared dataset directory (mix sources at prepare time)")
     train_dir = cfg.data.train[0]
@@ -264,7 +269,9 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
         from mobilellm.finetune.distill import Distiller
 
         loss_module.distiller = Distiller.from_dir(cfg.distill.teacher, model_cfg.vocab_size, env.device,
-                                                   alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
+                                                   alpha=cfg.distill.alpha, temperature=cfg.distill.temperature,
+                                                   cache_dir=cfg.distill.cache_dir, cache_top_k=cfg.distill.cache_top_k,
+                                                   rows=getattr(data.stream, "rows", None))
     if cfg.run.compile if cfg.run.compile is not None else use_cuda:
         for block in model.layers:  # one compiled graph serves every (shared) block
             block.compile()
