@@ -1,14 +1,17 @@
-"""Accuracy cost of post-training quantization: held-out perplexity at fp32 vs each scheme.
+"""Accuracy cost of post-training quantization: perplexity and zero-shot accuracy, fp32/bf16 vs each scheme.
 
 For a trained model directory (`--model`), or, when none exists yet, a small model trained here
 for `--train-steps` steps on the shared Gutenberg corpus (say so when you report its numbers).
-Every scheme is applied by `mobilellm.quantize.quantize_model` and evaluated with the same windows
-(`mobilellm.eval.perplexity.windows_perplexity`: non-overlapping windows, mean cross-entropy).
-The paper's bar: W8A8 costs <= 0.5 points of average zero-shot accuracy; loss/perplexity deltas are
-the finer-grained signal for small models whose accuracy is near chance.
+Every scheme is applied by `mobilellm.quantize.quantize_model` and evaluated on the same data:
+held-out perplexity (the model's own validation split with `--manifest <prepared data>`, else
+Gutenberg's held-out books in non-overlapping windows) and, with `--tasks`, the zero-shot tasks of
+`mobilellm eval` on the same documents (`--limit` per task). The paper's bar: W8A8 costs <= 0.5
+points of average zero-shot accuracy; loss/perplexity deltas are the finer-grained signal for small
+models whose accuracy is near chance, and "flipped" counts the documents whose prediction changed.
 
     python benchmarks/quant_accuracy.py --train-steps 400 --save-model /tmp/qa-model
-    python benchmarks/quant_accuracy.py --model /tmp/qa-model
+    python benchmarks/quant_accuracy.py --model runs/quickstart/run/final --manifest runs/quickstart/data \
+        --tasks paper --limit 500
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from mobilellm.quantize import quantize_model, quantized_state_dict
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SCHEMES = [("fp32", None, "none"), ("w8a8", "w8a8", "none"), ("w8a8 + int8 embedding", "w8a8", "int8"),
+SCHEMES = [("fp32", None, "none"), ("bf16", "bf16", "none"), ("w8a8", "w8a8", "none"), ("w8a8 + int8 embedding", "w8a8", "int8"),
            ("int8 weight-only", "int8", "none"), ("8da4w g32", "8da4w", "none"), ("8da4w g32 + int4 emb.", "8da4w", "int4")]
 
 
@@ -95,10 +98,15 @@ def main() -> None:
     ap.add_argument("--eval-chars", type=int, default=400_000, help="characters of held-out Gutenberg text")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--manifest", default=None, help="prepared data folder: perplexity on its validation split")
+    ap.add_argument("--tasks", default=None, help="zero-shot tasks too, e.g. paper or arc_easy,piqa")
+    ap.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    ap.add_argument("--data-dir", default=str(SHARED / "eval"), help="folder with the task files")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from mobilellm.checkpoint import load_model_dir
+    from mobilellm.eval.evaluator import evaluate, headline
     from mobilellm.eval.perplexity import windows_perplexity
     from mobilellm.tokenizer import load_tokenizer
 
@@ -107,25 +115,54 @@ def main() -> None:
         print(f"no --model: training a small model for {args.train_steps} steps", flush=True)
         model_dir = train_small_model(args.train_steps, Path(args.save_model), args.preset)
     tok = load_tokenizer(model_dir)
-    ids = [i for t in gutenberg_texts("valid", args.eval_chars) for i in tok.encode(t, eos=True)]
     base = load_model_dir(model_dir)
+    ids = None if args.manifest else [i for t in gutenberg_texts("valid", args.eval_chars) for i in tok.encode(t, eos=True)]
     window = min(args.window, base.config.max_seq_len)
     rows = []
     for label, scheme, embedding in SCHEMES:
-        model = base if scheme is None else quantize_model(copy.deepcopy(base), scheme, embedding=embedding)
+        if scheme is None:
+            model = base
+        elif scheme == "bf16":
+            model = copy.deepcopy(base).to(torch.bfloat16)
+        else:
+            model = quantize_model(copy.deepcopy(base), scheme, embedding=embedding)
+        started = time.perf_counter()
+        row = {"scheme": label, "weights_mib": weight_mib(model)}
         with torch.inference_mode():
-            result = windows_perplexity(model, ids, window=window)
-        loss = result["loss"]
-        rows.append({"scheme": label, "loss": loss, "perplexity": math.exp(loss), "weights_mib": weight_mib(model)})
-        print(f"  {label}: loss {loss:.4f}", flush=True)
+            if args.manifest:
+                res = evaluate(model, tok, ["val"], manifest=args.manifest, seq_len=window)["results"]["val"]
+            else:
+                res = windows_perplexity(model, ids, window=window)
+            row.update(loss=res["loss"], perplexity=math.exp(res["loss"]), tokens=res["tokens"])
+            if args.tasks:
+                report = evaluate(model, tok, args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=32,
+                                  per_example=True)
+                row["tasks"] = {name: {"acc": 100 * headline(name, r), "n": r["n"], "correct": r["correct"]}
+                                for name, r in report["results"].items()}
+                row["zero_shot_avg"] = sum(t["acc"] for t in row["tasks"].values()) / len(row["tasks"])
+        rows.append(row)
+        print(f"  {label}: loss {row['loss']:.4f}" + (f", zero-shot avg {row['zero_shot_avg']:.2f}" if args.tasks
+              else "") + f" ({time.perf_counter() - started:.0f} s)", flush=True)
     ref = rows[0]
-    print(f"\nmodel {model_dir.name}: {base.num_params():,} params; {len(ids):,} held-out tokens, windows of {window}\n")
-    print("| scheme | loss (nats) | perplexity | Δ loss | Δ perplexity | weights MiB | size vs fp32 |")
-    print("|---|---|---|---|---|---|---|")
+    where = f"validation split of {args.manifest}" if args.manifest else "held-out Gutenberg books"
+    print(f"\nmodel {model_dir}: {base.num_params():,} params; {ref['tokens']:,} tokens of the {where}, "
+          f"windows of {window}\n")
+    tasks = list(ref.get("tasks", {}))
+    head = "| scheme | loss (nats) | perplexity | Δ loss | Δ perplexity | weights MiB | size vs fp32 |"
+    if tasks:
+        head += " " + " | ".join(tasks) + " | zero-shot avg | Δ avg (points) | flipped |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        print(f"| {r['scheme']} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['loss'] - ref['loss']:+.4f} | "
-              f"{100 * (r['perplexity'] / ref['perplexity'] - 1):+.2f}% | {r['weights_mib']:.2f} | "
-              f"{r['weights_mib'] / ref['weights_mib']:.2f}x |")
+        line = (f"| {r['scheme']} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['loss'] - ref['loss']:+.4f} | "
+                f"{100 * (r['perplexity'] / ref['perplexity'] - 1):+.2f}% | {r['weights_mib']:.2f} | "
+                f"{r['weights_mib'] / ref['weights_mib']:.2f}x |")
+        if tasks:
+            flipped = sum(a != b for t in tasks for a, b in zip(r["tasks"][t]["correct"], ref["tasks"][t]["correct"]))
+            n = sum(ref["tasks"][t]["n"] for t in tasks)
+            line += (" " + " | ".join(f"{r['tasks'][t]['acc']:.1f}" for t in tasks) +
+                     f" | {r['zero_shot_avg']:.2f} | {r['zero_shot_avg'] - ref['zero_shot_avg']:+.2f} | {flipped}/{n} |")
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

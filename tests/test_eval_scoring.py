@@ -86,6 +86,8 @@ def test_acc_and_acc_norm_follow_hand_computed_loglikelihoods(tokenizer):
     assert res["n"] == 3
     p = sum(acc) / 3
     assert res["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 2))
+    per_doc = score_choice_task(scorer, examples, ("acc", "acc_norm"), desc="piqa", per_example=True)
+    assert per_doc["correct"] == [int(a) for a in acc_norm] and "correct" not in res
 
 
 def test_lambada_acc_is_greedy_match_and_ppl(tokenizer):

@@ -26,8 +26,11 @@ def sample_stderr(values: list[float]) -> float | None:
 
 
 def score_choice_task(scorer: LoglikelihoodScorer, examples: list[T.Example], metrics: tuple[str, ...],
-                      desc: str) -> dict:
-    """acc = argmax of summed log-likelihoods; acc_norm divides each by its choice's length first."""
+                      desc: str, per_example: bool = False) -> dict:
+    """acc = argmax of summed log-likelihoods; acc_norm divides each by its choice's length first.
+
+    per_example: also return "correct", 0/1 per document for the headline metric (acc_norm where
+    the task has it), to compare two models document by document."""
     flat = [req for ex in examples for req in ex.requests]
     scores = scorer.score(flat, desc=desc)
     acc, acc_norm, at = [], [], 0
@@ -41,6 +44,8 @@ def score_choice_task(scorer: LoglikelihoodScorer, examples: list[T.Example], me
     out = {"acc": float(np.mean(acc)), "acc_stderr": sample_stderr(acc), "n": len(examples)}
     if "acc_norm" in metrics:
         out.update(acc_norm=float(np.mean(acc_norm)), acc_norm_stderr=sample_stderr(acc_norm))
+    if per_example:
+        out["correct"] = [int(c) for c in (acc_norm if "acc_norm" in metrics else acc)]
     return out
 
 
@@ -54,7 +59,8 @@ def score_lambada(scorer: LoglikelihoodScorer, examples: list[T.Example], desc: 
 
 def evaluate(model: MobileLLM, tokenizer, tasks, data_dir: str | Path | None = None, manifest: str | Path | None = None,
              *, batch_size: int = 32, limit: int | None = None, stride: int | None = None,
-             seq_len: int | None = None, device: str | torch.device | None = None, progress: bool = False) -> dict:
+             seq_len: int | None = None, device: str | torch.device | None = None, progress: bool = False,
+             per_example: bool = False) -> dict:
     """Evaluate `model` on `tasks` ("paper", "arc_easy,wikitext2", ["val"], ...).
 
     data_dir: folder with the task files (docs/eval.md); manifest: prepared-data folder for task `val`.
@@ -82,7 +88,8 @@ def evaluate(model: MobileLLM, tokenizer, tasks, data_dir: str | Path | None = N
         task = T.TASKS[name]
         t0 = time.perf_counter()
         if task.kind == "choice":
-            res = score_choice_task(scorer, T.load_examples(name, data_dir, limit), task.metrics, desc=name)
+            res = score_choice_task(scorer, T.load_examples(name, data_dir, limit), task.metrics, desc=name,
+                                    per_example=per_example)
         elif task.kind == "lambada":
             res = score_lambada(scorer, T.load_examples(name, data_dir, limit), desc=name)
         elif task.kind == "generation":  # greedy responses scored by exact match and ROUGE
