@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilellm.errors import MobileLLMError
-from mobilellm.model import KVCache, MobileLLM
+from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
 
 WEIGHT_MODES = ("fp32", "bf16", "fp16", "int8")
 MAX_STOP_STRINGS = 16
@@ -407,9 +407,8 @@ class InferenceModel:
         norms = (2 * len(self.blocks) + 1) * cfg.dim
         self.nbytes += (self.embed.numel() + norms) * self.embed.element_size() + (0 if shared_head else head_bytes)
         length = max_len or cfg.max_seq_len
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq  # (max_len, hd/2)
-        self.rotation = torch.polar(torch.ones_like(angles), angles)  # (max_len, hd/2) complex64
+        cos, sin = rope_cos_sin(torch.arange(length), hd, cfg.rope_theta)  # (max_len, hd): two equal halves
+        self.rotation = torch.complex(cos[:, :hd // 2], sin[:, :hd // 2])  # (max_len, hd/2) complex64
 
     def forward(self, tokens: torch.Tensor, cache, positions: torch.Tensor, mask: torch.Tensor | None = None,
                 is_causal: bool = False, last_only: bool = False) -> torch.Tensor:

@@ -162,12 +162,8 @@ def check_budget(spec: StudySpec, configs: dict) -> None:
                                  f"{target:,.0f} +/- {tolerance:.0%}; change its shape or mark it budget_exempt")
 
 
-def prepare_data(spec: StudySpec, out: Path) -> Path:
-    if spec.data:
-        return Path(spec.data)
-    data_dir = out / "data"
-    if (data_dir / "manifest.json").exists():
-        return data_dir
+def prepare_data(spec: StudySpec, data_dir: Path) -> None:
+    """Run the spec's `prepare` section into data_dir (plan() chooses the folder)."""
     from mobilellm.data.prepare import prepare
 
     p = dict(spec.prepare)
@@ -175,7 +171,6 @@ def prepare_data(spec: StudySpec, out: Path) -> Path:
     if not inputs or not tokenizer:
         raise MobileLLMError("study spec: prepare needs inputs and tokenizer")
     prepare(inputs, tokenizer, data_dir, **p)
-    return data_dir
 
 
 def _eval_groups(ev: dict) -> list[tuple[list[str], int | None]]:
@@ -221,7 +216,6 @@ def run_variant(spec: StudySpec, variant: Variant, run_name: str, cfg, data_dir:
     run_dir = Path(cfg.run.out_dir)
     done = run_dir / "eval.json"
     if done.exists():
-        print(f"study: {run_name}: done, reusing {run_dir}")
         return json.loads(done.read_text())
     print(f"study: {run_name}: training", flush=True)
     started = time.perf_counter()
@@ -438,7 +432,7 @@ def plan(spec_paths: list, out=None, only: list[str] | None = None) -> list[Job]
 def prepare_all(jobs: list[Job]) -> None:
     for job in {j.data_dir: j for j in jobs}.values():
         if job.spec.prepare and not (job.data_dir / "manifest.json").exists():
-            prepare_data(job.spec, job.data_dir.parent)
+            prepare_data(job.spec, job.data_dir)
 
 
 def copy_results(source: Job, target: Job) -> None:
@@ -522,15 +516,16 @@ def run_study(spec_paths, out: str | Path | None = None, only: list[str] | None 
             duplicates.append((first[job.key()], job))
         else:
             first[job.key()] = job
-    unique = list(first.values())
+    todo = []
+    for job in first.values():
+        if (job.run_dir / "eval.json").exists():
+            print(f"study: {job.run_name}: done, reusing {job.run_dir}")
+        else:
+            todo.append(job)
     if jobs == 1:
-        for job in unique:
+        for job in todo:
             run_variant(job.spec, job.variant, job.run_name, job.cfg, job.data_dir)
     else:
-        todo = [j for j in unique if not (j.run_dir / "eval.json").exists()]
-        for job in unique:
-            if job not in todo:
-                print(f"study: {job.run_name}: done, reusing {job.run_dir}")
         run_in_workers(todo, jobs)
     for source, target in duplicates:
         if not (target.run_dir / "eval.json").exists():
