@@ -8,7 +8,8 @@ that transformers loads) and, for the layer-sharing overhead, as 125M-LS. Every 
 own subprocess, so peak RSS is its own: load + warm-up + timed run.
 
   transformers  LlamaForCausalLM.generate, greedy, fp32 (the baseline for "x HF")
-  ours          mobilellm.generate.Engine: fp32 / bf16 / fp16 / int8 (fbgemm dynamic kernels), eager or compiled
+  ours          mobilellm.generate.Engine: fp32 / bf16 / fp16 / int8, native backend ("ours fp32") and the
+                torch backend ("ours fp32 torch": oneDNN / fbgemm kernels, eager or compiled)
   llama.cpp     llama-cpp-python on GGUF files written by mobilellm.export.gguf (F32 / F16 / Q8_0);
                 runs when a Python with `llama_cpp` and the exporter is found (--llama-python, or the
                 project's export virtual environment); needs a tokenizer with all byte tokens in the
@@ -65,7 +66,7 @@ def work_ours(a) -> dict:
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
     eng = load_engine(a.model_dir, weights=a.weights, compile=a.compile, threads=a.threads,
-                      max_len=a.prompt_tokens + a.new_tokens, need_tokenizer=False)
+                      max_len=a.prompt_tokens + a.new_tokens, need_tokenizer=False, backend=a.backend)
     load_s = time.perf_counter() - t
     prompt = prompt_ids(a.prompt_tokens, eng.config.vocab_size)
     t = time.perf_counter()
@@ -210,6 +211,7 @@ def main() -> None:
     p.add_argument("--preset", default="mobilellm-125m")
     p.add_argument("--preset-ls", default="mobilellm-125m-ls", help="layer-shared twin ('' to skip)")
     p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--skip-torch-backend", action="store_true", help="only the native backend's rows for ours")
     p.add_argument("--only", default=None, help="comma-separated row names to run")
     p.add_argument("--llama-python", default=None, help="a Python with llama_cpp and mobilellm installed")
     p.add_argument("--json-out", default=None)
@@ -219,6 +221,7 @@ def main() -> None:
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="native", help=argparse.SUPPRESS)
     p.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
     p.add_argument("--quant", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -234,9 +237,12 @@ def main() -> None:
     ]
     for w in ("fp32", "bf16", "fp16", "int8"):
         rows.append((f"ours {w}", "ours", w, sys.executable, ["--model-dir", base, "--weights", w]))
+        if not a.skip_torch_backend:
+            rows.append((f"ours {w} torch", "ours", w, sys.executable,
+                         ["--model-dir", base, "--weights", w, "--backend", "torch"]))
         if not a.skip_compile:
-            rows.append((f"ours {w} compiled", "ours", w, sys.executable,
-                         ["--model-dir", base, "--weights", w, "--compile"]))
+            rows.append((f"ours {w} torch compiled", "ours", w, sys.executable,
+                         ["--model-dir", base, "--weights", w, "--backend", "torch", "--compile"]))
     if a.preset_ls:
         for w in ("fp32", "int8"):
             rows.append((f"ours {w} {a.preset_ls.split('-')[-2]}-LS", "ours", w, sys.executable,

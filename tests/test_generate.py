@@ -70,6 +70,19 @@ def engine(plain_dir):
     return load_engine(plain_dir, max_batch=4)
 
 
+@pytest.fixture(params=["native", "torch"])
+def backend(request):
+    """Both engine backends; native is skipped (with the reason) where its C library cannot be built."""
+    if request.param == "native":
+        from mobilellm.native import NativeUnavailable, library
+
+        try:
+            library()
+        except NativeUnavailable as exc:
+            pytest.skip(f"native backend unavailable: {exc}")
+    return request.param
+
+
 PROMPTS = ["the model", "café naïve déjà vu and the cache keeps", "東京",
            "values for every layer while the phone"]
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
@@ -81,17 +94,18 @@ def hf_greedy(model_dir, ids, n):
     return hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
 
 
-def test_greedy_matches_transformers_on_exported_llama(plain_dir):
-    eng = load_engine(plain_dir)
+def test_greedy_matches_transformers_on_exported_llama(plain_dir, backend):
+    eng = load_engine(plain_dir, backend=backend)
+    assert eng.backend == backend
     ids = eng.encode(PROMPTS[1])
     ours = eng.generate([ids], SamplingParams(max_new_tokens=64, ignore_eos=True))[0]
     assert len(ours.token_ids) == 64 and ours.finish_reason == "length"
     assert ours.token_ids == hf_greedy(plain_dir, ids, 64)
 
 
-def test_layer_shared_greedy_matches_transformers_on_unrolled_export(shared_dirs):
+def test_layer_shared_greedy_matches_transformers_on_unrolled_export(shared_dirs, backend):
     ls_dir, flat_dir = shared_dirs
-    eng = load_engine(ls_dir)
+    eng = load_engine(ls_dir, backend=backend)
     assert eng.config.n_logical_layers == 2 * eng.config.n_layers
     assert eng.cache.k.shape[0] == eng.config.n_logical_layers  # one cache slot per logical layer
     ids = eng.encode(PROMPTS[0])
@@ -102,21 +116,22 @@ def test_layer_shared_greedy_matches_transformers_on_unrolled_export(shared_dirs
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_new_tokens=24, temperature=0.9, top_k=40, top_p=0.9,
                                                            repetition_penalty=1.3, seed=7, ignore_eos=True)],
                          ids=["greedy", "sampled"])
-def test_batched_generation_equals_one_by_one(plain_dir, engine, params):
+def test_batched_generation_equals_one_by_one(plain_dir, backend, params):
+    engine = load_engine(plain_dir, max_batch=4, backend=backend)
     batched = engine.generate(PROMPTS, params)
     assert len({len(engine.encode(p)) for p in PROMPTS}) == len(PROMPTS)  # really different prompt lengths
-    alone = load_engine(plain_dir, max_batch=1)
+    alone = load_engine(plain_dir, max_batch=1, backend=backend)
     for prompt, res in zip(PROMPTS, batched):
         assert alone.generate([prompt], params)[0].token_ids == res.token_ids
     # more prompts than rows: requests join as rows free up (continuous batching) and still match
-    small = load_engine(plain_dir, max_batch=3)
+    small = load_engine(plain_dir, max_batch=3, backend=backend)
     again = small.generate(PROMPTS + PROMPTS[:2], params)
     assert [r.token_ids for r in again] == [r.token_ids for r in batched] + [r.token_ids for r in batched[:2]]
 
 
-def test_a_request_joining_a_running_batch_gets_its_own_tokens(plain_dir):
+def test_a_request_joining_a_running_batch_gets_its_own_tokens(plain_dir, backend):
     """A short request frees row 0 while a long one decodes in row 1; the next request reuses row 0."""
-    eng = load_engine(plain_dir, max_batch=2)
+    eng = load_engine(plain_dir, max_batch=2, backend=backend)
     short, long, late = (eng.make_request(eng.encode(p), SamplingParams(max_new_tokens=n, ignore_eos=True))
                          for p, n in ((PROMPTS[0], 3), (PROMPTS[1], 30), (PROMPTS[2], 40)))
     for r in (short, long, late):
@@ -124,7 +139,7 @@ def test_a_request_joining_a_running_batch_gets_its_own_tokens(plain_dir):
     while eng.has_work():
         eng.step()
     assert late.row == 0 and long.row == 1
-    alone = load_engine(plain_dir)
+    alone = load_engine(plain_dir, backend=backend)
     for r in (short, long, late):
         assert alone.generate([r.prompt_ids], r.params)[0].token_ids == r.output_ids
     # row 0 holds the keys/values `late` gets alone (it finishes last, so no later step reuses row 0)
@@ -232,9 +247,9 @@ def test_context_limits(plain_dir):
 
 
 @pytest.mark.parametrize("weights", ["bf16", "fp16", "int8"])
-def test_low_precision_weights_stay_close_to_fp32(plain_dir, weights):
-    ref = load_engine(plain_dir)
-    low = load_engine(plain_dir, weights=weights)
+def test_low_precision_weights_stay_close_to_fp32(plain_dir, weights, backend):
+    ref = load_engine(plain_dir, backend=backend)
+    low = load_engine(plain_dir, weights=weights, backend=backend)
     assert low.weight_bytes() < ref.weight_bytes()
     ids = ref.encode(PROMPTS[1])
     with torch.inference_mode():
@@ -247,9 +262,57 @@ def test_low_precision_weights_stay_close_to_fp32(plain_dir, weights):
     assert len(low.generate([ids], GREEDY)[0].token_ids) == GREEDY.max_new_tokens
 
 
+@pytest.mark.parametrize("weights", ["fp32", "fp16"])
+def test_native_and_torch_backends_agree(plain_dir, weights):
+    """Same logits (to float rounding) over a prompt longer than one native prefill chunk, and the same
+    greedy tokens; the native library's KV cache equals the torch backend's."""
+    from mobilellm.native import PREFILL_CHUNK, NativeUnavailable
+
+    try:
+        native = load_engine(plain_dir, weights=weights, backend="native", max_len=200)
+    except NativeUnavailable as exc:
+        pytest.skip(f"native backend unavailable: {exc}")
+    torch_engine = load_engine(plain_dir, weights=weights, backend="torch", max_len=200)
+    ids = [int(i) for i in torch.randint(0, native.config.vocab_size, (PREFILL_CHUNK + 37,),
+                                         generator=torch.Generator().manual_seed(3))]
+    with torch.inference_mode():
+        logits = []
+        for eng in (native, torch_engine):
+            req = eng.make_request(ids, GREEDY)
+            req.row = 0
+            logits.append(eng._prefill(req))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(native.cache.k[:, 0, :, :len(ids)], torch_engine.cache.k[:, 0, :, :len(ids)],
+                               rtol=1e-4, atol=1e-4)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    assert native.generate([ids], params)[0].token_ids == torch_engine.generate([ids], params)[0].token_ids
+
+
+def test_native_backend_unavailable(plain_dir, tmp_path, monkeypatch):
+    """No compiler: auto falls back to torch with a note, --backend native fails in one clear line."""
+    from mobilellm import native
+
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setenv("MOBILELLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(MobileLLMError, match="no C compiler"):
+        load_engine(plain_dir, backend="native")
+    assert load_engine(plain_dir).backend == "torch"
+    monkeypatch.delenv("CC")
+    bad = tmp_path / "broken.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    with pytest.raises(MobileLLMError, match="compiling the native kernels failed") as err:
+        native.library()
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
+    with pytest.raises(MobileLLMError, match="unknown backend"):
+        load_engine(plain_dir, backend="gpu")
+
+
 @pytest.mark.slow
 def test_compiled_decode_matches_eager(plain_dir):
-    eager = load_engine(plain_dir, max_len=64)
+    eager = load_engine(plain_dir, max_len=64, backend="torch")
     compiled = load_engine(plain_dir, max_len=64, compile=True)  # one graph: batch of one, fixed cache length
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     for prompt in PROMPTS[:2]:
@@ -272,6 +335,9 @@ def test_generate_cli(plain_dir, engine, tmp_path):
     from_file = run_cli("generate", plain_dir, "--prompt-file", tmp_path / "prompts.txt", "--max-new-tokens", 12,
                         "--ignore-eos", "--json", check=True).stdout
     assert [json.loads(line)["text"] for line in from_file.splitlines()] == expected
+    via_torch = run_cli("generate", plain_dir, "--prompt", PROMPTS[0], "--max-new-tokens", 12, "--ignore-eos",
+                        "--backend", "torch", check=True)
+    assert via_torch.stdout == expected[0] + "\n"
 
 
 def test_generate_cli_bad_input(plain_dir, tmp_path):

@@ -4,7 +4,7 @@ The paper's latency table (PAPER.md §4) as a command: load time, first-token ti
 prompt plus the first greedy token: the paper's "init"), per-token decode time, peak resident memory
 and file size. Each runtime runs in a fresh subprocess so that load time and peak RSS are its own:
 
-  model directory  PyTorch eager through the generation engine (mobilellm.generate.Engine)
+  model directory  PyTorch eager through the generation engine (mobilellm.generate.Engine, torch backend)
   .pte             ExecuTorch's Python runtime (XNNPACK delegate)
   .gguf            llama.cpp through llama-cpp-python (f16 KV cache, its default)
   .onnx            ONNX Runtime, CPU execution provider
@@ -96,7 +96,8 @@ def measure(path: str, runtime: str, threads: int, n_prompt: int, n_new: int) ->
         torch.set_num_threads(threads)
         model = load_model_dir(path)
         vocab = model.config.vocab_size
-        engine = Engine(model, None, max_batch=1, max_len=n_prompt + n_new, threads=threads)
+        engine = Engine(model, None, max_batch=1, max_len=n_prompt + n_new, threads=threads,
+                        backend="torch")  # this row is PyTorch; decode_cpu.py measures the native backend
         load = time.perf_counter() - t0
         req = engine.make_request(prompt_ids(n_prompt, vocab), SamplingParams(max_new_tokens=n_new, ignore_eos=True))
         engine.submit(req)

@@ -115,7 +115,8 @@ def run(args) -> int:
     from mobilellm.generate import load_engine, report, sampling_from_args
 
     params = sampling_from_args(args)
-    engine = load_engine(args.model, weights=args.weights, compile=args.compile, threads=args.threads)
+    engine = load_engine(args.model, weights=args.weights, compile=args.compile, threads=args.threads,
+                         backend=args.backend)
     formatter = ChatFormatter(engine.tokenizer, engine.max_len)
     params.stop = list(params.stop) + formatter.stops
     reserve = min(params.max_new_tokens, engine.max_len // 2)

@@ -42,6 +42,7 @@ from mobilellm.errors import MobileLLMError
 from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
 
 WEIGHT_MODES = ("fp32", "bf16", "fp16", "int8")
+BACKENDS = ("auto", "native", "torch")  # auto: native (mobilellm.native) where it builds, else torch
 MAX_STOP_STRINGS = 16
 
 # ---- sampling ---------------------------------------------------------------------------------
@@ -379,8 +380,9 @@ class InferenceModel:
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
         self.eps = cfg.norm_eps
         self.nbytes = 0
-        self.embed = model.embed_tokens.weight.detach().to(self.dtype)  # fp32: shared, not copied
-        self.norm = model.norm.weight.detach().to(self.dtype)
+        # copies (copy=True): a view of a loaded model's tensor keeps the whole weights file mapped
+        self.embed = model.embed_tokens.weight.detach().to(self.dtype, copy=True)
+        self.norm = model.norm.weight.detach().to(self.dtype, copy=True)
         self.blocks = []
         H, KV, hd = self.n_heads, self.n_kv, self.hd
         with torch.no_grad():
@@ -399,8 +401,8 @@ class InferenceModel:
                     for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *mlp.children()):
                         lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
                 self.nbytes += n1 + n2 + n3 + n4
-                ln1 = block.input_layernorm.weight.detach().to(self.dtype)
-                ln2 = block.post_attention_layernorm.weight.detach().to(self.dtype)
+                ln1 = block.input_layernorm.weight.detach().to(self.dtype, copy=True)
+                ln2 = block.post_attention_layernorm.weight.detach().to(self.dtype, copy=True)
                 self.blocks.append((ln1, ln2, qkv_proj, o_add, up_proj, down_add))
             self.head, _, head_bytes = _linear(model.output_weight, weights, prepack)
         shared_head = cfg.tie_embeddings and weights in ("fp32", "bf16")  # same storage as the embedding
@@ -452,19 +454,29 @@ class Engine:
     """
 
     def __init__(self, model: MobileLLM, tokenizer=None, *, max_batch: int = 1, max_len: int | None = None,
-                 weights: str = "fp32", compile: bool = False, threads: int | None = None, consume: bool = False):
+                 weights: str = "fp32", compile: bool = False, threads: int | None = None, consume: bool = False,
+                 backend: str = "auto"):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise MobileLLMError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if weights not in WEIGHT_MODES:
+            raise MobileLLMError(f"unknown weight mode {weights!r}; choose from {', '.join(WEIGHT_MODES)}")
         self.config = model.config
         self.tokenizer = tokenizer
         self.weights = weights
         if threads:
             torch.set_num_threads(threads)
         self.max_len = min(max_len or self.config.max_seq_len, self.config.max_seq_len)
-        self.net = InferenceModel(model, weights, self.max_len, consume, prepack=not compile)  # keeps no `model`
         self.max_batch = max_batch
-        cache_dtype = torch.bfloat16 if weights == "bf16" else torch.float32
-        self.cache = KVCache(self.config, max_batch, self.max_len, device="cpu", dtype=cache_dtype)
+        self.backend = _choose_backend(backend, compile)
+        if self.backend == "native":
+            from mobilellm.native import NativeNet
+
+            self.cache = KVCache(self.config, max_batch, self.max_len, device="cpu")
+            self.net = NativeNet(model, weights, self.cache, consume)  # keeps no `model`
+        else:
+            self.net = InferenceModel(model, weights, self.max_len, consume, prepack=not compile)
+            cache_dtype = torch.bfloat16 if weights == "bf16" else torch.float32
+            self.cache = KVCache(self.config, max_batch, self.max_len, device="cpu", dtype=cache_dtype)
         self._decode_cache = _DecodeCache(self.cache)
         self._cols = torch.arange(self.max_len)  # key columns, for building decode masks
         self._tokens = torch.zeros(max_batch, 1, dtype=torch.long)  # decode inputs, reused every step
@@ -567,9 +579,9 @@ class Engine:
             events.append(req)
         if decoding:
             self.stats["peak_batch"] = max(self.stats["peak_batch"], len(decoding))
-            logits = self._decode(decoding)  # (n, V)
-            for req in decoding:
-                self._accept(req, logits[req.row])
+            logits = self._decode(decoding)  # (len(decoding), V)
+            for req, row_logits in zip(decoding, logits):
+                self._accept(req, row_logits)
                 events.append(req)
         for req in events:
             if req.finished and req.row >= 0 and self.rows[req.row] is req:
@@ -577,17 +589,36 @@ class Engine:
         return events
 
     def _prefill(self, req: Request) -> torch.Tensor:
-        tokens = torch.tensor([req.prompt_ids])  # (1, P)
-        P = tokens.shape[1]
-        logits = self.net.forward(tokens, _RowCache(self.cache, req.row), torch.arange(P), is_causal=P > 1,
-                                  last_only=True)  # (1, 1, V): only the last position needs logits
+        ids, P = req.prompt_ids, len(req.prompt_ids)
+        if self.backend == "native":
+            from mobilellm.native import PREFILL_CHUNK
+
+            for start in range(0, P, PREFILL_CHUNK):  # causal across chunks: earlier ones are in the cache
+                chunk = ids[start:start + PREFILL_CHUNK]
+                last = start + len(chunk) == P
+                logits = self.net.forward(chunk, [req.row] * len(chunk), list(range(start, start + len(chunk))),
+                                          [len(chunk) - 1] if last else [])
+            logits = logits[0]
+        else:
+            logits = self.net.forward(torch.tensor([ids]), _RowCache(self.cache, req.row), torch.arange(P),
+                                      is_causal=P > 1, last_only=True)[0, 0]  # only the last position's logits
         req.length = P
         if req.params.repetition_penalty != 1.0:
             req.seen = torch.zeros(self.config.vocab_size, dtype=torch.bool)
-            req.seen[tokens[0]] = True
-        return logits[0, 0]
+            req.seen[torch.tensor(ids)] = True
+        return logits
 
     def _decode(self, decoding: list[Request]) -> torch.Tensor:
+        """Logits (len(decoding), V) for one decode step of every decoding request, in that order."""
+        if self.backend == "native":
+            logits = self.net.forward([r.output_ids[-1] for r in decoding], [r.row for r in decoding],
+                                      [r.length for r in decoding], list(range(len(decoding))))
+            for req in decoding:
+                req.length += 1
+            return logits
+        return self._decode_torch(decoding)[[r.row for r in decoding]]
+
+    def _decode_torch(self, decoding: list[Request]) -> torch.Tensor:
         n = max(r.row for r in decoding) + 1  # rows [0, n) run; the others among them compute harmlessly:
         cols, tokens = [0] * n, [0] * n  # a free row writes garbage at its column 0 (a prefill overwrites it),
         for row, req in enumerate(self.rows[:n]):  # a row prefilled in this step at its next free column
@@ -682,8 +713,36 @@ class Engine:
 # ---- loading ------------------------------------------------------------------------------------
 
 
+def _choose_backend(backend: str, compile: bool) -> str:
+    """"native" or "torch" for Engine(backend=...): auto takes native unless it cannot be built here."""
+    if backend not in BACKENDS:
+        raise MobileLLMError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if compile:  # torch.compile optimizes the PyTorch forward pass
+        if backend == "native":
+            raise MobileLLMError("--compile applies to the torch backend; drop it or use --backend torch")
+        return "torch"
+    if backend == "torch":
+        return "torch"
+    from mobilellm.native import NativeUnavailable, library
+
+    try:
+        library()
+    except NativeUnavailable as exc:
+        if backend == "native":
+            raise
+        _warn_once(f"mobilellm: using the torch backend ({exc})")
+        return "torch"
+    return "native"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def load_engine(model_dir: str | Path, *, weights: str = "fp32", compile: bool = False, threads: int | None = None,
-                max_batch: int = 1, max_len: int | None = None, need_tokenizer: bool = True) -> Engine:
+                max_batch: int = 1, max_len: int | None = None, need_tokenizer: bool = True,
+                backend: str = "auto") -> Engine:
     from mobilellm.checkpoint import has_tokenizer, load_model_dir
 
     if threads:
@@ -697,8 +756,22 @@ def load_engine(model_dir: str | Path, *, weights: str = "fp32", compile: bool =
     elif need_tokenizer:
         raise MobileLLMError(f"{model_dir} has no tokenizer files (tokenizer.json or tokenizer.model); "
                              "save the model with its tokenizer")
-    return Engine(model, tokenizer, weights=weights, compile=compile, threads=threads, max_batch=max_batch,
-                  max_len=max_len, consume=True)
+    engine = Engine(model, tokenizer, weights=weights, compile=compile, threads=threads, max_batch=max_batch,
+                    max_len=max_len, consume=True, backend=backend)
+    del model
+    _return_freed_memory()
+    return engine
+
+
+def _return_freed_memory() -> None:
+    """Hand the loaded model's freed memory back to the OS (glibc keeps freed heap pages otherwise,
+    e.g. about 200 MiB after converting a 125M model to int8)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def peak_rss_bytes() -> int:
@@ -726,8 +799,11 @@ def add_runtime_args(p) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--weights", choices=WEIGHT_MODES, default="fp32",
-                   help="decode weights: fp32 (default), bf16, fp16 (fbgemm fp16 kernel) or int8 (fastest)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first tokens)")
+                   help="decode weights: fp32 (default), bf16, fp16 or int8 (fastest; one scale per output row)")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="native: one compiled C call per step (needs a C compiler; built once); torch: "
+                        "PyTorch ops; auto (default): native where it builds")
+    g.add_argument("--compile", action="store_true", help="torch.compile the torch backend's decode step")
     g.add_argument("--verbose", action="store_true", help="print speed and memory to stderr")
 
 
@@ -783,7 +859,8 @@ def run(args) -> int:
     # a cache just long enough for the longest prompt and its continuation (capped at the context)
     need = max(len(i) for i in ids) + params.max_new_tokens
     engine = load_engine(args.model, weights=args.weights, compile=args.compile, threads=args.threads,
-                         max_batch=min(args.batch_size, len(prompts)), max_len=min(need, cfg.max_seq_len))
+                         max_batch=min(args.batch_size, len(prompts)), max_len=min(need, cfg.max_seq_len),
+                         backend=args.backend)
     t0 = time.perf_counter()
     tokens = 0
     if args.stream:

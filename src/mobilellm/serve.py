@@ -468,7 +468,7 @@ def run(args) -> int:
     _check_port(args.host, args.port)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     engine = load_engine(args.model, weights=args.weights, compile=args.compile, threads=args.threads,
-                         max_batch=args.max_batch, max_len=args.max_len)
+                         max_batch=args.max_batch, max_len=args.max_len, backend=args.backend)
     name = args.model_name or Path(args.model).resolve().name
     app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots, context {engine.max_len}, "
@@ -478,7 +478,7 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from mobilellm.generate import WEIGHT_MODES
+    from mobilellm.generate import BACKENDS, WEIGHT_MODES
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
                        description="Serves /v1/completions, /v1/chat/completions (streaming or not), /v1/models and "
@@ -494,6 +494,8 @@ def register(sub) -> None:
     p.add_argument("--max-len", type=int, default=None, help="context per request (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     p.add_argument("--weights", choices=WEIGHT_MODES, default="fp32", help="decode weights (default fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="native C forward pass (built once with the C compiler) or torch; auto: native where it builds")
+    p.add_argument("--compile", action="store_true", help="torch.compile the torch backend's decode step")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.set_defaults(func=run)

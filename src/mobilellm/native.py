@@ -1,0 +1,260 @@
+"""The engine's native CPU backend: native_kernels.c, compiled on first use and called through ctypes.
+
+One C call runs the whole network for a set of tokens (a prefill chunk or a batched decode step),
+so a decoded token costs one Python call instead of a few hundred framework ops; on a small model at
+batch 1 that overhead is as large as the matrix products. The library is built once per machine with
+the system C compiler (`$CC`, else `cc`; GCC or Clang with OpenMP) for the CPU it runs on
+(-march=native) and cached under `$MOBILELLM_CACHE_DIR` (default `~/.cache/mobilellm`), keyed by the
+source, the flags and the CPU. Without a compiler, `Engine(backend="auto")` falls back to the
+PyTorch backend; `MOBILELLM_NATIVE=0` forces that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from mobilellm.errors import MobileLLMError
+from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+WEIGHT_TYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
+PREFILL_CHUNK = 64  # tokens per call in prefill: bounds the scratch memory, keeps weight rows hot
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14  # Linux
+
+
+class NativeUnavailable(MobileLLMError):
+    """The native library could not be built or loaded here (the message says why)."""
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("type", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32)]
+
+
+class Block(ctypes.Structure):
+    _fields_ = [("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p),
+                ("qkv", Matrix), ("o", Matrix), ("up", Matrix), ("down", Matrix)]
+
+
+class Net(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in
+                ("dim", "n_heads", "n_kv", "head_dim", "ffn", "vocab", "n_layers", "max_batch", "max_len", "swiglu")]
+    _fields_ += [("eps", ctypes.c_float), ("schedule", ctypes.c_void_p), ("blocks", ctypes.c_void_p),
+                 ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("head", Matrix),
+                 ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p),
+                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+# ---- building the library ---------------------------------------------------------------------
+
+_library = None
+_library_lock = threading.Lock()
+
+
+def _compile_flags() -> list[str]:
+    flags = ["-O3", "-march=native", "-fopenmp", "-fno-strict-aliasing", "-shared", "-fPIC"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-mprefer-vector-width=512")  # full AVX-512 vectors where the CPU has them
+    return flags
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's feature flags (a cache shared by two machines stays right)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOBILELLM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mobilellm")
+    return Path(root) / "native"
+
+
+def build_library() -> Path:
+    """Compile native_kernels.c for this CPU unless a matching build is cached; returns the .so path."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise NativeUnavailable(f"no C compiler {compiler!r} on PATH (set CC, or install gcc)")
+    flags = _compile_flags()
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(),
+                                     _cpu_key().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]
+            raise NativeUnavailable(f"compiling the native kernels failed: {first}")
+        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library():
+    """The loaded library (built on first use); NativeUnavailable if it cannot be had here."""
+    global _library
+    with _library_lock:
+        if _library is None:
+            if os.environ.get("MOBILELLM_NATIVE", "1") == "0":
+                raise NativeUnavailable("the native backend is switched off (MOBILELLM_NATIVE=0)")
+            try:
+                lib = ctypes.CDLL(str(build_library()))
+            except OSError as exc:
+                raise NativeUnavailable(f"loading the native kernels failed: {exc}") from None
+            lib.mobilellm_forward.restype = ctypes.c_int
+            lib.mobilellm_forward.argtypes = [ctypes.POINTER(Net), ctypes.c_int] + [ctypes.c_void_p] * 3 + \
+                [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            _library = lib
+        return _library
+
+
+# ---- the network as the library sees it ------------------------------------------------------
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors copied into one buffer that Linux is asked to back with 2 MiB pages.
+
+    Every decoded token streams all weights from memory; with 4 KiB pages the hardware prefetcher
+    stops at each page boundary and the TLB misses every few rows. Asked for before the first write
+    (the buffer is fresh, untouched memory), so the pages are huge from the start where the kernel
+    allows it ("madvise" or "always" transparent huge pages); elsewhere a plain copy.
+    """
+    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]  # 64-byte aligned slices
+    arena = torch.empty(sum(sizes) + HUGE_PAGE, dtype=torch.uint8)
+    start = (arena.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    if sys.platform.startswith("linux") and sum(sizes) >= HUGE_PAGE:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(sum(sizes) // HUGE_PAGE * HUGE_PAGE), MADV_HUGEPAGE)
+    out, offset = [], start - arena.data_ptr()
+    for t, size in zip(tensors, sizes):
+        view = arena[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        out.append(view.copy_(t))
+        offset += size
+    return out
+
+
+class NativeNet:
+    """model.MobileLLM's weights in the decode precision, laid out for native_kernels.c.
+
+    Same rearrangement as generate.InferenceModel (q|k|v and gate|up fused, RoPE pairs adjacent, so
+    a prefill by either backend leaves the same cache), weights as fp32, fp16, bf16 or int8 with one
+    symmetric scale per output row. The embedding table stays fp32 (one row is read per token); the
+    tied output matrix is that same table in fp32 mode and its own converted copy otherwise.
+    """
+
+    def __init__(self, model: MobileLLM, weights: str, cache: KVCache, consume: bool = False):
+        from mobilellm.generate import _interleave_rope_rows
+
+        if weights not in WEIGHT_TYPES:
+            raise MobileLLMError(f"unknown weight mode {weights!r}; choose from {', '.join(WEIGHT_TYPES)}")
+        if cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
+            raise MobileLLMError("the native backend needs a contiguous fp32 KV cache")
+        self.lib = library()
+        cfg = model.config
+        self.config, self.weights, self.cache = cfg, weights, cache
+        self._keep: list[torch.Tensor] = []  # every tensor the C struct points into
+        self.nbytes = 0
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
+        blocks = (Block * len(model.layers))()
+        with torch.no_grad():
+            for i, block in enumerate(model.layers):
+                attn, mlp = block.self_attn, block.mlp
+                qkv = torch.cat([_interleave_rope_rows(attn.q_proj.weight, H, hd),
+                                 _interleave_rope_rows(attn.k_proj.weight, KV, hd), attn.v_proj.weight])
+                up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) if cfg.ffn_type == "swiglu" \
+                    else mlp.up_proj.weight
+                b = blocks[i]
+                b.ln1, b.ln2 = self._hold(block.input_layernorm.weight), self._hold(block.post_attention_layernorm.weight)
+                b.qkv, b.o, b.up, b.down = self._matrices([qkv, attn.o_proj.weight, up, mlp.down_proj.weight])
+                del qkv, up
+                if consume:  # the caller gives the model up: free each block's weights once converted
+                    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *mlp.children()):
+                        lin.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+            (embed,) = _packed([model.embed_tokens.weight.detach().float()])
+            if cfg.tie_embeddings and weights == "fp32":  # the output matrix is the embedding table
+                head = Matrix(_ptr(embed), None, WEIGHT_TYPES["fp32"], *embed.shape)
+            else:
+                (head,) = self._matrices([model.output_weight])
+            if consume:
+                model.embed_tokens.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+            self.nbytes += embed.numel() * 4
+        cos, sin = rope_cos_sin(torch.arange(cache.max_len), hd, cfg.rope_theta)
+        half = hd // 2
+        rope_cos, rope_sin = cos[:, :half].float().contiguous(), sin[:, :half].float().contiguous()
+        schedule = torch.tensor(list(model.schedule), dtype=torch.int32)
+        self._keep += [embed, rope_cos, rope_sin, schedule]
+        self._blocks = blocks
+        self.net = Net(cfg.dim, H, KV, hd, cfg.ffn_dim, cfg.vocab_size, len(schedule), cache.k.shape[1],
+                       cache.max_len, int(cfg.ffn_type == "swiglu"), cfg.norm_eps, _ptr(schedule),
+                       ctypes.addressof(blocks), _ptr(embed), self._hold(model.norm.weight), head,
+                       _ptr(rope_cos), _ptr(rope_sin), _ptr(cache.k), _ptr(cache.v))
+        self._net_ref = ctypes.byref(self.net)
+
+    def _hold(self, t: torch.Tensor) -> int:
+        # a copy: a view of the model's tensor would keep the whole loaded weights file mapped
+        t = t.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        self._keep.append(t)
+        self.nbytes += t.numel() * 4
+        return _ptr(t)
+
+    def _matrices(self, weights: list[torch.Tensor]) -> list[Matrix]:
+        """Weight matrices converted to the decode precision and packed together (see _packed)."""
+        converted, scales = [], []
+        for weight in weights:
+            w = weight.detach().float()
+            if self.weights == "int8":
+                scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)  # symmetric, one scale per output row
+                w = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+                scales.append(scale)
+                self.nbytes += scale.numel() * 4
+            elif self.weights in ("fp16", "bf16"):
+                w = w.to(torch.float16 if self.weights == "fp16" else torch.bfloat16)
+            converted.append(w)
+        packed = _packed(converted)
+        self._keep += packed + scales
+        self.nbytes += sum(t.numel() * t.element_size() for t in packed)
+        return [Matrix(_ptr(data), _ptr(scales[i]) if scales else None, WEIGHT_TYPES[self.weights], *data.shape)
+                for i, data in enumerate(packed)]
+
+    def forward(self, tokens: list[int], rows: list[int], positions: list[int], out_index: list[int]) -> torch.Tensor:
+        """Logits (len(out_index), vocab) fp32. Token i writes its keys/values at (rows[i], positions[i])
+        and attends to columns 0..positions[i] of its row; tokens of one row come in position order."""
+        n = len(tokens)
+        tok = torch.tensor(tokens, dtype=torch.int64)
+        meta = torch.tensor([*rows, *positions, *out_index], dtype=torch.int32)
+        logits = torch.empty(len(out_index), self.config.vocab_size)
+        base, step = meta.data_ptr(), meta.element_size()
+        status = self.lib.mobilellm_forward(self._net_ref, n, tok.data_ptr(), base, base + n * step,
+                                            len(out_index), base + 2 * n * step, logits.data_ptr(),
+                                            torch.get_num_threads())
+        if status != 0:
+            raise MobileLLMError("the native forward pass could not allocate its scratch memory")
+        return logits

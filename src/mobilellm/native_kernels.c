@@ -1,0 +1,325 @@
+/* Native CPU forward pass for mobilellm's generation engine (built and loaded by native.py).
+
+One call, mobilellm_forward, runs the whole network for a set of tokens: a prefill chunk of one
+prompt and a batched decode step alike. Each token names its KV-cache row and its position; it
+writes its keys/values there and attends to columns 0..position of that row, so a prefill chunk is
+causal and rows of a batch never see each other.
+
+Weights are fp32, fp16, bf16 or int8 with one scale per output row; activations, the KV cache and
+every sum stay fp32. At batch 1 a CPU spends the token streaming weights from memory, so the point
+of this file is to do that with nothing between the matrix products: one call per token instead of
+a few hundred framework ops. Plain C loops that the compiler vectorizes (-O3 -march=native), with
+OpenMP threads splitting the output rows of each matrix and the (token, head) pairs of attention.
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+enum { W_F32 = 0, W_F16 = 1, W_BF16 = 2, W_I8 = 3 };
+
+typedef struct {
+    const void *data;     /* (rows, cols), row-major, in `type` */
+    const float *scale;   /* int8: one per row; otherwise NULL */
+    int32_t type, rows, cols;
+} Matrix;
+
+typedef struct {
+    const float *ln1, *ln2;
+    Matrix qkv;           /* q rows, k rows (both with RoPE pairs adjacent), v rows */
+    Matrix o, up, down;   /* up: gate rows then up rows (SwiGLU) or up rows (ReLU) */
+} Block;
+
+typedef struct {
+    int32_t dim, n_heads, n_kv, head_dim, ffn, vocab, n_layers, max_batch, max_len, swiglu;
+    float eps;
+    const int32_t *schedule;        /* logical layer -> physical block (layer sharing) */
+    const Block *blocks;
+    const float *embed;             /* (vocab, dim) */
+    const float *norm;
+    Matrix head;
+    const float *rope_cos, *rope_sin;  /* (max_len, head_dim / 2) */
+    float *k_cache, *v_cache;       /* (n_layers, max_batch, n_kv, max_len, head_dim) */
+} Net;
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+#endif
+
+/* Weight element k of matrix m as fp32 (int8 unscaled: the row's scale is applied to the sum). */
+static inline float weight_at(const Matrix *m, size_t k) {
+    switch (m->type) {
+    case W_F16: return (float)((const _Float16 *)m->data)[k];
+    case W_BF16: {  /* bf16 is the top half of an fp32 */
+        const uint32_t bits = (uint32_t)((const uint16_t *)m->data)[k] << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    case W_I8: return (float)((const int8_t *)m->data)[k];
+    default: return ((const float *)m->data)[k];
+    }
+}
+
+#ifdef HAVE_AVX512
+/* 16 weights from element `at` on, as fp32 */
+static inline __m512 load16(const Matrix *m, size_t at) {
+    switch (m->type) {
+    case W_F16: return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)m->data + at)));
+    case W_BF16: {
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)m->data + at)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    }
+    case W_I8: return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)m->data + at))));
+    default: return _mm512_loadu_ps((const float *)m->data + at);
+    }
+}
+#endif
+
+/* Row r of m as fp32 in buf (or a pointer into m itself when it is fp32). */
+static const float *row_f32(const Matrix *m, int r, float *buf) {
+    const size_t off = (size_t)r * m->cols;
+    if (m->type == W_F32) return (const float *)m->data + off;
+    int k = 0;
+#ifdef HAVE_AVX512
+    for (; k + 16 <= m->cols; k += 16) _mm512_storeu_ps(buf + k, load16(m, off + k));
+#endif
+    for (; k < m->cols; k++) buf[k] = weight_at(m, off + k);
+    return buf;
+}
+
+static inline float dot(const float *restrict w, const float *restrict x, int n) {
+    float a = 0.f;
+#pragma omp simd reduction(+ : a)
+    for (int k = 0; k < n; k++) a += w[k] * x[k];
+    return a;
+}
+
+/* Row r of m . x, reading the row in its own type (one token: the weights are read once, straight
+   from memory, which is all a decode step does). */
+static float dot_row(const Matrix *m, int r, const float *x) {
+    const size_t off = (size_t)r * m->cols;
+    int k = 0;
+    float acc = 0.f;
+#ifdef HAVE_AVX512
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  /* two chains hide the FMA latency */
+    for (; k + 32 <= m->cols; k += 32) {
+        a0 = _mm512_fmadd_ps(load16(m, off + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(load16(m, off + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    }
+    for (; k + 16 <= m->cols; k += 16) a0 = _mm512_fmadd_ps(load16(m, off + k), _mm512_loadu_ps(x + k), a0);
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+    for (; k < m->cols; k++) acc += weight_at(m, off + k) * x[k];
+    return acc;
+}
+
+/* out[i][j] = w[i] . x[j] for up to 4 rows and 4 tokens: each weight and activation value loaded
+   once feeds 4 products (many tokens: prefill is compute-bound). */
+static void tile(const float *const *w, int nr, const float *x, int ldx, int nt, int n, float out[4][4]) {
+#ifdef HAVE_AVX512
+    if (nr == 4 && nt == 4 && n % 16 == 0) {
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+        for (int k = 0; k < n; k += 16) {
+            __m512 xs[4];
+            for (int j = 0; j < 4; j++) xs[j] = _mm512_loadu_ps(x + (size_t)j * ldx + k);
+            for (int i = 0; i < 4; i++) {
+                const __m512 wk = _mm512_loadu_ps(w[i] + k);
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(wk, xs[j], acc[i][j]);
+            }
+        }
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+        return;
+    }
+#endif
+    for (int i = 0; i < nr; i++)
+        for (int j = 0; j < nt; j++) out[i][j] = dot(w[i], x + (size_t)j * ldx, n);
+}
+
+#ifdef HAVE_AVX512
+/* e^x for 16 lanes: 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, a degree-6 polynomial for
+   e^r (relative error ~1e-7, like expf); lanes below -87 give 0 (they are softmax's masked tail). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    const __m512 r2 = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);  /* ln 2 in two parts */
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* softmax(scores[0..len)) in place */
+static void softmax(float *scores, int len) {
+    float top = -INFINITY, sum = 0.f;
+    for (int j = 0; j < len; j++) top = scores[j] > top ? scores[j] : top;
+    int j = 0;
+#ifdef HAVE_AVX512
+    const __m512 shift = _mm512_set1_ps(top);
+    __m512 total = _mm512_setzero_ps();
+    for (; j + 16 <= len; j += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), shift));
+        _mm512_storeu_ps(scores + j, e);
+        total = _mm512_add_ps(total, e);
+    }
+    sum = _mm512_reduce_add_ps(total);
+#endif
+    for (; j < len; j++) sum += scores[j] = expf(scores[j] - top);
+    const float inv = 1.f / sum;
+    for (j = 0; j < len; j++) scores[j] *= inv;
+}
+
+/* q . k over one head (head_dim values) */
+static inline float dot_head(const float *q, const float *k, int hd) {
+#ifdef HAVE_AVX512
+    if (hd % 16 == 0) {
+        __m512 a = _mm512_setzero_ps();
+        for (int d = 0; d < hd; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), a);
+        return _mm512_reduce_add_ps(a);
+    }
+#endif
+    return dot(q, k, hd);
+}
+
+static inline void put(float *out, float value, int add) { *out = add ? *out + value : value; }
+
+/* y[t, r] = (add ? y[t, r] : 0) + W[r] . x[t] for n tokens; rows split over the threads.
+   Runs inside a parallel region and ends with its barrier; buf holds 4 rows of fp32. */
+static void matmul(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, float *buf) {
+    if (n == 1) {
+#pragma omp for schedule(static)
+        for (int r = 0; r < m->rows; r++) put(y + r, (m->scale ? m->scale[r] : 1.f) * dot_row(m, r, x), add);
+        return;
+    }
+#pragma omp for schedule(static)
+    for (int r0 = 0; r0 < m->rows; r0 += 4) {
+        const int nr = m->rows - r0 < 4 ? m->rows - r0 : 4;
+        const float *w[4];
+        for (int i = 0; i < nr; i++) w[i] = row_f32(m, r0 + i, buf + (size_t)i * m->cols);
+        for (int t = 0; t < n; t += 4) {
+            const int nt = n - t < 4 ? n - t : 4;
+            float out[4][4];
+            tile(w, nr, x + (size_t)t * ldx, ldx, nt, m->cols, out);
+            for (int i = 0; i < nr; i++)
+                for (int j = 0; j < nt; j++)
+                    put(y + (size_t)(t + j) * ldy + r0 + i, (m->scale ? m->scale[r0 + i] : 1.f) * out[i][j], add);
+        }
+    }
+}
+
+static void rms_norm(const float *x, const float *w, int dim, float eps, float *y) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int k = 0; k < dim; k++) ss += x[k] * x[k];
+    const float inv = 1.f / sqrtf(ss / dim + eps);
+    for (int k = 0; k < dim; k++) y[k] = w[k] * (x[k] * inv);
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_t *rows,
+                      const int32_t *positions, int n_out, const int32_t *out_index, float *logits,
+                      int threads) {
+    const int D = net->dim, H = net->n_heads, KV = net->n_kv, hd = net->head_dim, F = net->ffn;
+    const int S = net->max_len, qkv_dim = (H + 2 * KV) * hd, up_dim = net->swiglu ? 2 * F : F;
+    const int group = H / KV, half = hd / 2;
+    const float scale = 1.f / sqrtf((float)hd);
+    int widest = D > F ? D : F;
+    if (H * hd > widest) widest = H * hd;
+    const int per_thread = 4 * widest > S ? 4 * widest : S;  /* 4 weight rows as fp32, or attention scores */
+    if (threads < 1) threads = 1;
+
+    /* all scratch up front: a thread cannot leave a parallel region early */
+    const size_t sizes[] = {(size_t)n * D, (size_t)n * D, (size_t)n * qkv_dim, (size_t)n * H * hd,
+                            (size_t)n * up_dim, (size_t)threads * per_thread};
+    size_t total = 0;
+    for (int i = 0; i < 6; i++) total += sizes[i];
+    float *scratch = malloc(sizeof(float) * total);
+    if (!scratch) return -1;
+    float *x = scratch, *xn = x + sizes[0], *qkv = xn + sizes[1], *att = qkv + sizes[2], *h = att + sizes[3];
+    float *thread_rows = h + sizes[4];
+
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = thread_rows + (size_t)omp_get_thread_num() * per_thread;
+#pragma omp for schedule(static)
+        for (int t = 0; t < n; t++) memcpy(x + (size_t)t * D, net->embed + (size_t)tokens[t] * D, sizeof(float) * D);
+
+        for (int layer = 0; layer < net->n_layers; layer++) {
+            const Block *b = &net->blocks[net->schedule[layer]];
+            const size_t slot = (size_t)layer * net->max_batch;
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * D, b->ln1, D, net->eps, xn + (size_t)t * D);
+            matmul(&b->qkv, xn, D, n, qkv, qkv_dim, 0, buf);
+            /* RoPE on queries and keys (adjacent pairs), then keys/values into the cache */
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++) {
+                float *v = qkv + (size_t)t * qkv_dim;
+                const float *c = net->rope_cos + (size_t)positions[t] * half;
+                const float *s = net->rope_sin + (size_t)positions[t] * half;
+                for (int head = 0; head < H + KV; head++) {
+                    float *p = v + head * hd;
+                    for (int i = 0; i < half; i++) {
+                        const float re = p[2 * i], im = p[2 * i + 1];
+                        p[2 * i] = re * c[i] - im * s[i];
+                        p[2 * i + 1] = re * s[i] + im * c[i];
+                    }
+                }
+                for (int g = 0; g < KV; g++) {
+                    const size_t at = (((slot + rows[t]) * KV + g) * S + positions[t]) * hd;
+                    memcpy(net->k_cache + at, v + (H + g) * hd, sizeof(float) * hd);
+                    memcpy(net->v_cache + at, v + (H + KV + g) * hd, sizeof(float) * hd);
+                }
+            }
+            /* attention: each (token, head) over columns 0..position of the token's row; query
+               heads of one group read the same cached keys/values (no repeated copies) */
+#pragma omp for schedule(static)
+            for (int i = 0; i < n * H; i++) {
+                const int t = i / H, head = i % H, len = positions[t] + 1;
+                const float *q = qkv + (size_t)t * qkv_dim + head * hd;
+                const size_t base = ((slot + rows[t]) * KV + head / group) * S * hd;
+                const float *K = net->k_cache + base, *V = net->v_cache + base;
+                for (int j = 0; j < len; j++) buf[j] = dot_head(q, K + (size_t)j * hd, hd) * scale;
+                softmax(buf, len);
+                float *out = att + (size_t)t * H * hd + head * hd;
+                memset(out, 0, sizeof(float) * hd);
+                for (int j = 0; j < len; j++) {
+                    const float p = buf[j], *vj = V + (size_t)j * hd;
+#pragma omp simd
+                    for (int k = 0; k < hd; k++) out[k] += p * vj[k];
+                }
+            }
+            matmul(&b->o, att, H * hd, n, x, D, 1, buf);
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * D, b->ln2, D, net->eps, xn + (size_t)t * D);
+            matmul(&b->up, xn, D, n, h, up_dim, 0, buf);
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++) {
+                float *ht = h + (size_t)t * up_dim;
+                if (net->swiglu)
+                    for (int j = 0; j < F; j++) ht[j] = silu(ht[j]) * ht[F + j];
+                else
+                    for (int j = 0; j < F; j++) ht[j] = ht[j] > 0.f ? ht[j] : 0.f;
+            }
+            matmul(&b->down, h, up_dim, n, x, D, 1, buf);
+        }
+#pragma omp for schedule(static)
+        for (int i = 0; i < n_out; i++)
+            rms_norm(x + (size_t)out_index[i] * D, net->norm, D, net->eps, xn + (size_t)i * D);
+        matmul(&net->head, xn, D, n_out, logits, net->vocab, 0, buf);
+    }
+    free(scratch);
+    return 0;
+}
