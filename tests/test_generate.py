@@ -70,16 +70,20 @@ def engine(plain_dir):
     return load_engine(plain_dir, max_batch=4)
 
 
+def require_native():
+    from mobilellm.native import NativeUnavailable, library
+
+    try:
+        library()
+    except NativeUnavailable as exc:
+        pytest.skip(f"native backend unavailable: {exc}")
+
+
 @pytest.fixture(params=["native", "torch"])
 def backend(request):
     """Both engine backends; native is skipped (with the reason) where its C library cannot be built."""
     if request.param == "native":
-        from mobilellm.native import NativeUnavailable, library
-
-        try:
-            library()
-        except NativeUnavailable as exc:
-            pytest.skip(f"native backend unavailable: {exc}")
+        require_native()
     return request.param
 
 
@@ -266,12 +270,10 @@ def test_low_precision_weights_stay_close_to_fp32(plain_dir, weights, backend):
 def test_native_and_torch_backends_agree(plain_dir, weights):
     """Same logits (to float rounding) over a prompt longer than one native prefill chunk, and the same
     greedy tokens; the native library's KV cache equals the torch backend's."""
-    from mobilellm.native import PREFILL_CHUNK, NativeUnavailable
+    from mobilellm.native import PREFILL_CHUNK
 
-    try:
-        native = load_engine(plain_dir, weights=weights, backend="native", max_len=200)
-    except NativeUnavailable as exc:
-        pytest.skip(f"native backend unavailable: {exc}")
+    require_native()
+    native = load_engine(plain_dir, weights=weights, backend="native", max_len=200)
     torch_engine = load_engine(plain_dir, weights=weights, backend="torch", max_len=200)
     ids = [int(i) for i in torch.randint(0, native.config.vocab_size, (PREFILL_CHUNK + 37,),
                                          generator=torch.Generator().manual_seed(3))]
@@ -286,6 +288,15 @@ def test_native_and_torch_backends_agree(plain_dir, weights):
                                rtol=1e-4, atol=1e-4)
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     assert native.generate([ids], params)[0].token_ids == torch_engine.generate([ids], params)[0].token_ids
+
+
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+def test_native_low_precision_batched_equals_alone(plain_dir, weights):
+    """Weight-only low precision with fp32 activations: a row's tokens do not depend on its neighbours."""
+    require_native()
+    batched = load_engine(plain_dir, max_batch=4, weights=weights, backend="native").generate(PROMPTS, GREEDY)
+    alone = load_engine(plain_dir, weights=weights, backend="native")
+    assert [r.token_ids for r in batched] == [alone.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
 
 
 def test_native_backend_unavailable(plain_dir, tmp_path, monkeypatch):

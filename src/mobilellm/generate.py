@@ -817,7 +817,7 @@ def sampling_from_args(args) -> SamplingParams:
 
 def report(engine: Engine, tokens: int, seconds: float) -> None:
     print(f"[{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tok/s; weights "
-          f"{engine.weight_bytes() / 2**20:.1f} MiB ({engine.weights}), "
+          f"{engine.weight_bytes() / 2**20:.1f} MiB ({engine.weights}, {engine.backend} backend), "
           f"KV cache {engine.cache_bytes() / 2**20:.1f} MiB, "
           f"peak RSS {peak_rss_bytes() / 2**20:.1f} MiB]", file=sys.stderr)
 

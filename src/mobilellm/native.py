@@ -4,9 +4,9 @@ One C call runs the whole network for a set of tokens (a prefill chunk or a batc
 so a decoded token costs one Python call instead of a few hundred framework ops; on a small model at
 batch 1 that overhead is as large as the matrix products. The library is built once per machine with
 the system C compiler (`$CC`, else `cc`; GCC or Clang with OpenMP) for the CPU it runs on
-(-march=native) and cached under `$MOBILELLM_CACHE_DIR` (default `~/.cache/mobilellm`), keyed by the
-source, the flags and the CPU. Without a compiler, `Engine(backend="auto")` falls back to the
-PyTorch backend; `MOBILELLM_NATIVE=0` forces that.
+(-march=native) and cached under `$MOBILELLM_CACHE_DIR/native` (default `~/.cache/mobilellm/native`),
+keyed by the source, the flags and the CPU. Without a compiler, `Engine(backend="auto")` falls back
+to the PyTorch backend; `MOBILELLM_NATIVE=0` forces that.
 """
 
 from __future__ import annotations

@@ -195,9 +195,69 @@ static inline float dot_head(const float *q, const float *k, int hd) {
 
 static inline void put(float *out, float value, int add) { *out = add ? *out + value : value; }
 
+#if defined(HAVE_AVX512) && defined(__AVX512BF16__)
+#define HAVE_BF16_DOT 1
+/* n fp32 values (n % 32 == 0) as bf16, rounded to nearest even */
+static void to_bf16(const float *x, uint16_t *out, int n) {
+    for (int k = 0; k < n; k += 32)
+        _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(x + k)));
+}
+
+/* Prefill of int8 / bf16 weights with bf16 dot-product instructions (twice the products per
+   instruction of fp32 FMA): activations rounded to bf16 once per matrix (xb, shared by the
+   threads), int8 weights become bf16 exactly. Same tiling as the fp32 path. */
+static void matmul_bf16(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, float *buf,
+                        uint16_t *xb) {
+    const int cols = m->cols;
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; t++) to_bf16(x + (size_t)t * ldx, xb + (size_t)t * cols, cols);
+#pragma omp for schedule(static)
+    for (int r0 = 0; r0 < m->rows; r0 += 4) {
+        const int nr = m->rows - r0 < 4 ? m->rows - r0 : 4;
+        const uint16_t *w[4];
+        for (int i = 0; i < nr; i++) {
+            if (m->type == W_BF16) {
+                w[i] = (const uint16_t *)m->data + (size_t)(r0 + i) * cols;
+            } else {
+                uint16_t *row = (uint16_t *)buf + (size_t)i * cols;
+                to_bf16(row_f32(m, r0 + i, buf + 2 * (size_t)cols), row, cols);  /* fp32 row after the 4 bf16 ones */
+                w[i] = row;
+            }
+        }
+        for (int t = 0; t < n; t += 4) {
+            const int nt = n - t < 4 ? n - t : 4;
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+            for (int k = 0; k < cols; k += 32) {
+                __m512bh xs[4];
+                for (int j = 0; j < nt; j++) xs[j] = (__m512bh)_mm512_loadu_si512(xb + (size_t)(t + j) * cols + k);
+                for (int i = 0; i < nr; i++) {
+                    const __m512bh wk = (__m512bh)_mm512_loadu_si512(w[i] + k);
+                    for (int j = 0; j < nt; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wk, xs[j]);
+                }
+            }
+            for (int i = 0; i < nr; i++)
+                for (int j = 0; j < nt; j++)
+                    put(y + (size_t)(t + j) * ldy + r0 + i,
+                        (m->scale ? m->scale[r0 + i] : 1.f) * _mm512_reduce_add_ps(acc[i][j]), add);
+        }
+    }
+}
+#endif
+
 /* y[t, r] = (add ? y[t, r] : 0) + W[r] . x[t] for n tokens; rows split over the threads.
-   Runs inside a parallel region and ends with its barrier; buf holds 4 rows of fp32. */
-static void matmul(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, float *buf) {
+   Runs inside a parallel region and ends with its barrier; buf holds 4 rows of fp32 (and one more
+   for the bf16 path). xb: scratch for bf16 activations where a prefill may use them, else NULL. */
+static void matmul(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, float *buf,
+                   uint16_t *xb) {
+#ifdef HAVE_BF16_DOT
+    if (xb && n >= 4 && (m->type == W_I8 || m->type == W_BF16) && m->cols % 32 == 0) {
+        matmul_bf16(m, x, ldx, n, y, ldy, add, buf, xb);
+        return;
+    }
+#endif
+    (void)xb;
     if (n == 1) {
 #pragma omp for schedule(static)
         for (int r = 0; r < m->rows; r++) put(y + r, (m->scale ? m->scale[r] : 1.f) * dot_row(m, r, x), add);
@@ -238,18 +298,23 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
     const float scale = 1.f / sqrtf((float)hd);
     int widest = D > F ? D : F;
     if (H * hd > widest) widest = H * hd;
-    const int per_thread = 4 * widest > S ? 4 * widest : S;  /* 4 weight rows as fp32, or attention scores */
+    const int per_thread = 5 * widest > S ? 5 * widest : S;  /* 4 weight rows as fp32 (+1), or attention scores */
     if (threads < 1) threads = 1;
 
     /* all scratch up front: a thread cannot leave a parallel region early */
     const size_t sizes[] = {(size_t)n * D, (size_t)n * D, (size_t)n * qkv_dim, (size_t)n * H * hd,
-                            (size_t)n * up_dim, (size_t)threads * per_thread};
+                            (size_t)n * up_dim, (size_t)threads * per_thread, (size_t)n * widest / 2 + 32};
     size_t total = 0;
-    for (int i = 0; i < 6; i++) total += sizes[i];
+    for (int i = 0; i < 7; i++) total += sizes[i];
     float *scratch = malloc(sizeof(float) * total);
     if (!scratch) return -1;
     float *x = scratch, *xn = x + sizes[0], *qkv = xn + sizes[1], *att = qkv + sizes[2], *h = att + sizes[3];
     float *thread_rows = h + sizes[4];
+    /* a prefill chunk (every token in one cache row) may round activations to bf16 for int8/bf16
+       weights; a batch of different rows never does, so a row's output does not depend on its batch */
+    int one_row = n >= 4;
+    for (int t = 1; t < n && one_row; t++) one_row = rows[t] == rows[0];
+    uint16_t *xb = one_row ? (uint16_t *)(thread_rows + sizes[5]) : NULL;
 
 #pragma omp parallel num_threads(threads)
     {
@@ -262,7 +327,7 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
             const size_t slot = (size_t)layer * net->max_batch;
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * D, b->ln1, D, net->eps, xn + (size_t)t * D);
-            matmul(&b->qkv, xn, D, n, qkv, qkv_dim, 0, buf);
+            matmul(&b->qkv, xn, D, n, qkv, qkv_dim, 0, buf, xb);
             /* RoPE on queries and keys (adjacent pairs), then keys/values into the cache */
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) {
@@ -301,10 +366,10 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
                     for (int k = 0; k < hd; k++) out[k] += p * vj[k];
                 }
             }
-            matmul(&b->o, att, H * hd, n, x, D, 1, buf);
+            matmul(&b->o, att, H * hd, n, x, D, 1, buf, xb);
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * D, b->ln2, D, net->eps, xn + (size_t)t * D);
-            matmul(&b->up, xn, D, n, h, up_dim, 0, buf);
+            matmul(&b->up, xn, D, n, h, up_dim, 0, buf, xb);
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) {
                 float *ht = h + (size_t)t * up_dim;
@@ -313,12 +378,12 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
                 else
                     for (int j = 0; j < F; j++) ht[j] = ht[j] > 0.f ? ht[j] : 0.f;
             }
-            matmul(&b->down, h, up_dim, n, x, D, 1, buf);
+            matmul(&b->down, h, up_dim, n, x, D, 1, buf, xb);
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < n_out; i++)
             rms_norm(x + (size_t)out_index[i] * D, net->norm, D, net->eps, xn + (size_t)i * D);
-        matmul(&net->head, xn, D, n_out, logits, net->vocab, 0, buf);
+        matmul(&net->head, xn, D, n_out, logits, net->vocab, 0, buf, xb);
     }
     free(scratch);
     return 0;
