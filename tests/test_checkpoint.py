@@ -205,3 +205,24 @@ def test_atomic_writes_use_normal_permissions(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+    """Our plain-read loader gives what safetensors' own (memory-mapped) loader gives, for every dtype
+    we store, and refuses a file that ends inside an entry."""
+    from safetensors.torch import save_file
+
+    from mobilellm.checkpoint import _read_safetensors
+
+    tensors = {"w": torch.randn(3, 4), "h": torch.randn(5).half(), "b16": torch.randn(2, 3).bfloat16(),
+               "q": torch.arange(-4, 4, dtype=torch.int8), "mask": torch.tensor([True, False]),
+               "step": torch.tensor(7), "empty": torch.empty(0, 5)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    ours, theirs = _read_safetensors(path), load_file(str(path))
+    assert ours.keys() == theirs.keys() == tensors.keys()
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t)
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="ends inside"):
+        _read_safetensors(path)

@@ -149,9 +149,7 @@ def _load_state_dict(file: Path) -> dict[str, torch.Tensor]:
                 state.update(_load_state_dict(file.parent / shard))
             return state
         if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(file))
+            return _read_safetensors(file)
         return torch.load(file, map_location="cpu", weights_only=True)
     except MobileLLMError:
         raise
@@ -160,6 +158,40 @@ def _load_state_dict(file: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # safetensors / pickle errors on truncated or corrupt files
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MobileLLMError(f"weights file {file} is truncated or corrupt ({first_line})") from None
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file read into one plain tensor per entry.
+
+    Read rather than memory-mapped (safetensors' load_file): every tensor then owns its memory, so
+    a caller that converts a model and drops it block by block (the generation engine) frees each
+    block as it goes, instead of holding the whole mapped file until the last view is gone.
+    """
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError("no header")
+        header = json.loads(fh.read(int.from_bytes(head, "little")))
+        base = fh.tell()
+        state = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+            nbytes = tensor.numel() * tensor.element_size()
+            if end - begin != nbytes:
+                raise ValueError(f"entry {name} holds {end - begin} bytes for {nbytes}")
+            fh.seek(base + begin)
+            if nbytes and fh.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise ValueError(f"file ends inside entry {name}")
+            state[name] = tensor
+    return state
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
