@@ -352,6 +352,25 @@ def _interleave_rope_rows(w: torch.Tensor, heads: int, hd: int) -> torch.Tensor:
     return w.view(heads, hd, -1)[:, order].reshape(w.shape)
 
 
+def fused_block_weights(block, cfg, consume: bool = False) -> tuple[torch.Tensor, ...]:
+    """(q|k|v, o, gate|up or up, down) weights of one block, as both engine backends hold them.
+
+    q and k rows are reordered for RoPE on adjacent pairs (_interleave_rope_rows), so a prefill by
+    either backend leaves the same KV cache. consume=True empties the block's Linear weights (the
+    caller gives the model up): the returned tensors are then the only references left.
+    """
+    attn, mlp = block.self_attn, block.mlp
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
+    qkv = torch.cat([_interleave_rope_rows(attn.q_proj.weight, H, hd),
+                     _interleave_rope_rows(attn.k_proj.weight, KV, hd), attn.v_proj.weight]).detach()
+    up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) if cfg.ffn_type == "swiglu" else mlp.up_proj.weight
+    weights = (qkv, attn.o_proj.weight.detach(), up.detach(), mlp.down_proj.weight.detach())
+    if consume:
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *mlp.children()):
+            lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    return weights
+
+
 class InferenceModel:
     """The network of model.MobileLLM rearranged for CPU inference; same math, fewer and larger ops.
 
@@ -384,22 +403,14 @@ class InferenceModel:
         self.embed = model.embed_tokens.weight.detach().to(self.dtype, copy=True)
         self.norm = model.norm.weight.detach().to(self.dtype, copy=True)
         self.blocks = []
-        H, KV, hd = self.n_heads, self.n_kv, self.hd
         with torch.no_grad():
             for block in model.layers:
-                attn, mlp = block.self_attn, block.mlp
-                qkv = torch.cat([_interleave_rope_rows(attn.q_proj.weight, H, hd),
-                                 _interleave_rope_rows(attn.k_proj.weight, KV, hd), attn.v_proj.weight])
-                up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) if cfg.ffn_type == "swiglu" \
-                    else mlp.up_proj.weight
+                qkv, o, up, down = fused_block_weights(block, cfg, consume)
                 qkv_proj, _, n1 = _linear(qkv, weights, prepack)
-                _, o_add, n2 = _linear(attn.o_proj.weight, weights, prepack)
+                _, o_add, n2 = _linear(o, weights, prepack)
                 up_proj, _, n3 = _linear(up, weights, prepack)
-                _, down_add, n4 = _linear(mlp.down_proj.weight, weights, prepack)
-                del qkv, up
-                if consume:
-                    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *mlp.children()):
-                        lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+                _, down_add, n4 = _linear(down, weights, prepack)
+                del qkv, o, up, down
                 self.nbytes += n1 + n2 + n3 + n4
                 ln1 = block.input_layernorm.weight.detach().to(self.dtype, copy=True)
                 ln2 = block.post_attention_layernorm.weight.detach().to(self.dtype, copy=True)
@@ -408,7 +419,7 @@ class InferenceModel:
         shared_head = cfg.tie_embeddings and weights in ("fp32", "bf16")  # same storage as the embedding
         norms = (2 * len(self.blocks) + 1) * cfg.dim
         self.nbytes += (self.embed.numel() + norms) * self.embed.element_size() + (0 if shared_head else head_bytes)
-        length = max_len or cfg.max_seq_len
+        length, hd = max_len or cfg.max_seq_len, self.hd
         cos, sin = rope_cos_sin(torch.arange(length), hd, cfg.rope_theta)  # (max_len, hd): two equal halves
         self.rotation = torch.complex(cos[:, :hd // 2], sin[:, :hd // 2])  # (max_len, hd/2) complex64
 
@@ -458,8 +469,6 @@ class Engine:
                  backend: str = "auto"):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise MobileLLMError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if weights not in WEIGHT_MODES:
-            raise MobileLLMError(f"unknown weight mode {weights!r}; choose from {', '.join(WEIGHT_MODES)}")
         self.config = model.config
         self.tokenizer = tokenizer
         self.weights = weights
@@ -473,19 +482,19 @@ class Engine:
 
             self.cache = KVCache(self.config, max_batch, self.max_len, device="cpu")
             self.net = NativeNet(model, weights, self.cache, consume)  # keeps no `model`
-        else:
+        else:  # the torch backend's decode state (the native one keeps its own in C)
             self.net = InferenceModel(model, weights, self.max_len, consume, prepack=not compile)
             cache_dtype = torch.bfloat16 if weights == "bf16" else torch.float32
             self.cache = KVCache(self.config, max_batch, self.max_len, device="cpu", dtype=cache_dtype)
-        self._decode_cache = _DecodeCache(self.cache)
-        self._cols = torch.arange(self.max_len)  # key columns, for building decode masks
-        self._tokens = torch.zeros(max_batch, 1, dtype=torch.long)  # decode inputs, reused every step
-        self._positions = torch.zeros(max_batch, 1, dtype=torch.long)
-        self.compiled = compile
-        self._step_fn = self._forward_decode
-        if compile:
-            self._static_cache = _StaticDecodeCache(self.cache, self._positions)
-            self._step_fn = torch.compile(self._forward_decode_static, dynamic=False)
+            self._decode_cache = _DecodeCache(self.cache)
+            self._cols = torch.arange(self.max_len)  # key columns, for building decode masks
+            self._tokens = torch.zeros(max_batch, 1, dtype=torch.long)  # decode inputs, reused every step
+            self._positions = torch.zeros(max_batch, 1, dtype=torch.long)
+            self.compiled = compile
+            self._step_fn = self._forward_decode
+            if compile:
+                self._static_cache = _StaticDecodeCache(self.cache, self._positions)
+                self._step_fn = torch.compile(self._forward_decode_static, dynamic=False)
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()  # guards `waiting` and cancellation flags across threads

@@ -26,6 +26,7 @@ import torch
 
 from mobilellm.errors import MobileLLMError
 from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
+from mobilellm.quantize import quantize_weight
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 WEIGHT_TYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
@@ -164,14 +165,14 @@ def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 class NativeNet:
     """model.MobileLLM's weights in the decode precision, laid out for native_kernels.c.
 
-    Same rearrangement as generate.InferenceModel (q|k|v and gate|up fused, RoPE pairs adjacent, so
-    a prefill by either backend leaves the same cache), weights as fp32, fp16, bf16 or int8 with one
-    symmetric scale per output row. The embedding table stays fp32 (one row is read per token); the
+    The same fused block weights as generate.InferenceModel (generate.fused_block_weights), as fp32,
+    fp16, bf16 or int8 with one symmetric scale per output row (quantize.quantize_weight, as
+    `mobilellm quantize` uses it). The embedding table stays fp32 (one row is read per token); the
     tied output matrix is that same table in fp32 mode and its own converted copy otherwise.
     """
 
     def __init__(self, model: MobileLLM, weights: str, cache: KVCache, consume: bool = False):
-        from mobilellm.generate import _interleave_rope_rows
+        from mobilellm.generate import fused_block_weights
 
         if weights not in WEIGHT_TYPES:
             raise MobileLLMError(f"unknown weight mode {weights!r}; choose from {', '.join(WEIGHT_TYPES)}")
@@ -186,18 +187,10 @@ class NativeNet:
         blocks = (Block * len(model.layers))()
         with torch.no_grad():
             for i, block in enumerate(model.layers):
-                attn, mlp = block.self_attn, block.mlp
-                qkv = torch.cat([_interleave_rope_rows(attn.q_proj.weight, H, hd),
-                                 _interleave_rope_rows(attn.k_proj.weight, KV, hd), attn.v_proj.weight])
-                up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) if cfg.ffn_type == "swiglu" \
-                    else mlp.up_proj.weight
                 b = blocks[i]
-                b.ln1, b.ln2 = self._hold(block.input_layernorm.weight), self._hold(block.post_attention_layernorm.weight)
-                b.qkv, b.o, b.up, b.down = self._matrices([qkv, attn.o_proj.weight, up, mlp.down_proj.weight])
-                del qkv, up
-                if consume:  # the caller gives the model up: free each block's weights once converted
-                    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *mlp.children()):
-                        lin.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+                b.ln1 = self._hold(block.input_layernorm.weight)
+                b.ln2 = self._hold(block.post_attention_layernorm.weight)
+                b.qkv, b.o, b.up, b.down = self._matrices(fused_block_weights(block, cfg, consume))
             (embed,) = _packed([model.embed_tokens.weight.detach().float()])
             if cfg.tie_embeddings and weights == "fp32":  # the output matrix is the embedding table
                 head = Matrix(_ptr(embed), None, WEIGHT_TYPES["fp32"], *embed.shape)
@@ -231,8 +224,8 @@ class NativeNet:
         for weight in weights:
             w = weight.detach().float()
             if self.weights == "int8":
-                scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)  # symmetric, one scale per output row
-                w = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+                w, scale = quantize_weight(w, bits=8, group_size=None)  # scale (out, 1): one per output row
+                scale = scale.view(-1)
                 scales.append(scale)
                 self.nbytes += scale.numel() * 4
             elif self.weights in ("fp16", "bf16"):

@@ -203,75 +203,75 @@ static void to_bf16(const float *x, uint16_t *out, int n) {
         _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(x + k)));
 }
 
-/* Prefill of int8 / bf16 weights with bf16 dot-product instructions (twice the products per
-   instruction of fp32 FMA): activations rounded to bf16 once per matrix (xb, shared by the
-   threads), int8 weights become bf16 exactly. Same tiling as the fp32 path. */
-static void matmul_bf16(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, float *buf,
-                        uint16_t *xb) {
-    const int cols = m->cols;
-#pragma omp for schedule(static)
-    for (int t = 0; t < n; t++) to_bf16(x + (size_t)t * ldx, xb + (size_t)t * cols, cols);
-#pragma omp for schedule(static)
-    for (int r0 = 0; r0 < m->rows; r0 += 4) {
-        const int nr = m->rows - r0 < 4 ? m->rows - r0 : 4;
-        const uint16_t *w[4];
+/* Row r of m as bf16: in place for bf16 weights, else through an fp32 row in tmp into dst. */
+static const uint16_t *row_bf16(const Matrix *m, int r, uint16_t *dst, float *tmp) {
+    if (m->type == W_BF16) return (const uint16_t *)m->data + (size_t)r * m->cols;
+    to_bf16(row_f32(m, r, tmp), dst, m->cols);
+    return dst;
+}
+
+/* out[i][j] = w[i] . x[j] in bf16 (n % 32 == 0) for up to 4 rows and 4 tokens: the bf16
+   dot-product instruction does twice the products of an fp32 FMA. Forced inline: called from
+   matmul, GCC 12 kept it out of line and the 16 sums out of registers (prefill ~15% slower). */
+static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *const *w, int nr, const uint16_t *x, int ldx, int nt, int n, float out[4][4]) {
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 32) {
+        __m512bh xs[4];
+        for (int j = 0; j < nt; j++) xs[j] = (__m512bh)_mm512_loadu_si512(x + (size_t)j * ldx + k);
         for (int i = 0; i < nr; i++) {
-            if (m->type == W_BF16) {
-                w[i] = (const uint16_t *)m->data + (size_t)(r0 + i) * cols;
-            } else {
-                uint16_t *row = (uint16_t *)buf + (size_t)i * cols;
-                to_bf16(row_f32(m, r0 + i, buf + 2 * (size_t)cols), row, cols);  /* fp32 row after the 4 bf16 ones */
-                w[i] = row;
-            }
-        }
-        for (int t = 0; t < n; t += 4) {
-            const int nt = n - t < 4 ? n - t : 4;
-            __m512 acc[4][4];
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
-            for (int k = 0; k < cols; k += 32) {
-                __m512bh xs[4];
-                for (int j = 0; j < nt; j++) xs[j] = (__m512bh)_mm512_loadu_si512(xb + (size_t)(t + j) * cols + k);
-                for (int i = 0; i < nr; i++) {
-                    const __m512bh wk = (__m512bh)_mm512_loadu_si512(w[i] + k);
-                    for (int j = 0; j < nt; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wk, xs[j]);
-                }
-            }
-            for (int i = 0; i < nr; i++)
-                for (int j = 0; j < nt; j++)
-                    put(y + (size_t)(t + j) * ldy + r0 + i,
-                        (m->scale ? m->scale[r0 + i] : 1.f) * _mm512_reduce_add_ps(acc[i][j]), add);
+            const __m512bh wk = (__m512bh)_mm512_loadu_si512(w[i] + k);
+            for (int j = 0; j < nt; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wk, xs[j]);
         }
     }
+    for (int i = 0; i < nr; i++)
+        for (int j = 0; j < nt; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 #endif
 
 /* y[t, r] = (add ? y[t, r] : 0) + W[r] . x[t] for n tokens; rows split over the threads.
    Runs inside a parallel region and ends with its barrier; buf holds 4 rows of fp32 (and one more
-   for the bf16 path). xb: scratch for bf16 activations where a prefill may use them, else NULL. */
+   for the bf16 path). xb: scratch for bf16 activations where a prefill may use them, else NULL:
+   then int8 / bf16 weights multiply bf16-rounded activations (int8 weights become bf16 exactly). */
 static void matmul(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, float *buf,
                    uint16_t *xb) {
-#ifdef HAVE_BF16_DOT
-    if (xb && n >= 4 && (m->type == W_I8 || m->type == W_BF16) && m->cols % 32 == 0) {
-        matmul_bf16(m, x, ldx, n, y, ldy, add, buf, xb);
-        return;
-    }
-#endif
-    (void)xb;
     if (n == 1) {
 #pragma omp for schedule(static)
         for (int r = 0; r < m->rows; r++) put(y + r, (m->scale ? m->scale[r] : 1.f) * dot_row(m, r, x), add);
         return;
     }
+    const int cols = m->cols;
+#ifdef HAVE_BF16_DOT
+    const int bf16 = xb && n >= 4 && (m->type == W_I8 || m->type == W_BF16) && cols % 32 == 0;
+    if (bf16) {  /* activations rounded once per matrix, shared by the threads */
+#pragma omp for schedule(static)
+        for (int t = 0; t < n; t++) to_bf16(x + (size_t)t * ldx, xb + (size_t)t * cols, cols);
+    }
+#else
+    (void)xb;
+#endif
 #pragma omp for schedule(static)
     for (int r0 = 0; r0 < m->rows; r0 += 4) {
         const int nr = m->rows - r0 < 4 ? m->rows - r0 : 4;
-        const float *w[4];
-        for (int i = 0; i < nr; i++) w[i] = row_f32(m, r0 + i, buf + (size_t)i * m->cols);
+        const void *w[4];
+        for (int i = 0; i < nr; i++) {
+#ifdef HAVE_BF16_DOT
+            if (bf16) {  /* bf16 rows in the first 2 * cols floats of buf, after them one fp32 row */
+                w[i] = row_bf16(m, r0 + i, (uint16_t *)buf + (size_t)i * cols, buf + 2 * (size_t)cols);
+                continue;
+            }
+#endif
+            w[i] = row_f32(m, r0 + i, buf + (size_t)i * cols);
+        }
         for (int t = 0; t < n; t += 4) {
             const int nt = n - t < 4 ? n - t : 4;
             float out[4][4];
-            tile(w, nr, x + (size_t)t * ldx, ldx, nt, m->cols, out);
+#ifdef HAVE_BF16_DOT
+            if (bf16) tile_bf16((const uint16_t *const *)w, nr, xb + (size_t)t * cols, cols, nt, cols, out);
+            else
+#endif
+                tile((const float *const *)w, nr, x + (size_t)t * ldx, ldx, nt, cols, out);
             for (int i = 0; i < nr; i++)
                 for (int j = 0; j < nt; j++)
                     put(y + (size_t)(t + j) * ldy + r0 + i, (m->scale ? m->scale[r0 + i] : 1.f) * out[i][j], add);
