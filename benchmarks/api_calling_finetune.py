@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 def predictions_for(model_dir: str, rows: list[dict]) -> list[str]:
     from mobilellm.checkpoint import load_model_dir
-    from mobilellm.finetune.api_calling import predict
+    from mobilellm.eval.api_calling import predict
     from mobilellm.tokenizer import load_tokenizer
 
     model = load_model_dir(model_dir)
@@ -46,7 +46,7 @@ def main() -> None:
     if args.score_only:
         saved = json.loads(Path(args.score_only).read_text())
     else:
-        from mobilellm.finetune.api_calling import read_test
+        from mobilellm.eval.api_calling import read_test
 
         rows = read_test(Path(args.data) / "test.jsonl")[: args.limit]
         saved = {"rows": rows, "models": {"before fine-tuning": predictions_for(args.model, rows)}, "commands": {}}
@@ -63,7 +63,7 @@ def main() -> None:
         (out / "predictions.json").write_text(json.dumps(saved, indent=1))
         if args.predict_only:
             return
-    from mobilellm.finetune.api_calling import score
+    from mobilellm.eval.api_calling import score
 
     print("| model | EM intent | EM structure | ROUGE-1 | ROUGE-L | n |\n|---|---|---|---|---|---|")
     for name, predictions in saved["models"].items():

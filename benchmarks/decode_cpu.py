@@ -61,11 +61,11 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 def work_ours(a) -> dict:
     import torch
 
-    from mobilellm.generate import SamplingParams, load_engine
+    from mobilellm.inference import SamplingParams, load_engine
 
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
-    eng = load_engine(a.model_dir, weights=a.weights, compile=a.compile, threads=a.threads,
+    eng = load_engine(a.model_dir, precision=a.weights, compile=a.compile, threads=a.threads,
                       max_len=a.prompt_tokens + a.new_tokens, need_tokenizer=False, backend=a.backend)
     load_s = time.perf_counter() - t
     prompt = prompt_ids(a.prompt_tokens, eng.config.vocab_size)

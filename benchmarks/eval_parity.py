@@ -139,7 +139,7 @@ def run_lm_eval(model: str, model_args: str, task_names: list[str], include: Pat
 
 
 def run_ours(model_dir: Path, names: list[str], data_dir: Path, limit: int | None, batch_size: int) -> tuple[dict, float]:
-    from mobilellm.eval.cli import load_model_and_tokenizer
+    from mobilellm.checkpoint import load_model_and_tokenizer
     from mobilellm.eval.evaluator import evaluate
 
     t0 = time.perf_counter()
@@ -229,7 +229,7 @@ def main() -> int:
         print(f"\nlargest accuracy difference: {worst:.2f} points; wall time: ours {our_s:.1f}s, lm-eval hf {lm_s:.1f}s")
         wiki = None
         if args.wikitext_windows >= 0:
-            from mobilellm.eval.cli import load_model_and_tokenizer
+            from mobilellm.checkpoint import load_model_and_tokenizer
             from mobilellm.eval.perplexity import windows_perplexity
 
             model, tokenizer = load_model_and_tokenizer(ours_dir)

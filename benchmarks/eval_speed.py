@@ -50,7 +50,7 @@ def main() -> int:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from mobilellm.eval.cli import load_model_and_tokenizer
+    from mobilellm.checkpoint import load_model_and_tokenizer
     from mobilellm.eval.evaluator import evaluate
 
     names = [n for n in T.resolve_task_names(args.tasks) if n in P.LM_EVAL_TASKS]

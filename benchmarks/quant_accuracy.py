@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mobilellm.quantize import quantize_model, quantized_state_dict
+from mobilellm.checkpoint import quantized_state_dict
+from mobilellm.quantize import quantize_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCHEMES = [("fp32", None, "none"), ("bf16", "bf16", "none"), ("w8a8", "w8a8", "none"), ("w8a8 + int8 embedding", "w8a8", "int8"),

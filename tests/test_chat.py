@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from mobilellm.chat import DEFAULT_CHAT_TEMPLATE, ChatFormatter, apply_chat_template
+from mobilellm.chat_template import DEFAULT_CHAT_TEMPLATE, ChatFormatter, apply_chat_template
 from mobilellm.errors import MobileLLMError
-from mobilellm.generate import SamplingParams, load_engine
+from mobilellm.inference import SamplingParams, load_engine
 from mobilellm.tokenizer import load_tokenizer
 from test_generate import make_model_dir, one_thread, run_cli  # noqa: F401  (one_thread: autouse fixture)
 

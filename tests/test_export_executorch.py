@@ -12,7 +12,7 @@ from conftest import greedy_tokens, run_cli
 from mobilellm.checkpoint import save_model_dir
 from mobilellm.config import get_preset
 from mobilellm.model import MobileLLM
-from mobilellm.quantize import quantize_model, save_quantized_dir
+from mobilellm.quantize import quantize_model
 
 pytest.importorskip("executorch")
 pytest.importorskip("torchao")
@@ -98,7 +98,7 @@ def test_export_cli_w8a8_dir_to_pte_and_bad_combinations(tmp_path):
     torch.manual_seed(3)
     model = tiny(n_layers=1)
     save_model_dir(model, tmp_path / "f")
-    save_quantized_dir(quantize_model(copy.deepcopy(model), "w8a8"), tmp_path / "q")
+    save_model_dir(quantize_model(copy.deepcopy(model), "w8a8"), tmp_path / "q")
     proc = run_cli("export", tmp_path / "q", "--format", "pte", "--max-len", "32", "--output", tmp_path / "q.pte",
                    check=True)
     assert "w8a8" in proc.stdout  # a quantized directory exports with its own scheme
@@ -108,7 +108,7 @@ def test_export_cli_w8a8_dir_to_pte_and_bad_combinations(tmp_path):
         ref = quantized(prompt)[0]
     got = PteRunner(tmp_path / "q.pte").forward(prompt[0].tolist(), 0)
     assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
-    save_quantized_dir(quantize_model(copy.deepcopy(model), "int8"), tmp_path / "wo")
+    save_model_dir(quantize_model(copy.deepcopy(model), "int8"), tmp_path / "wo")
     for args, needle in [
         ((tmp_path / "f", "--quant", "q4_0"), "not available for pte"),
         ((tmp_path / "wo",), "no XNNPACK kernel"),

@@ -10,7 +10,7 @@ from conftest import greedy_tokens, run_cli
 from mobilellm.checkpoint import save_model_dir
 from mobilellm.config import get_preset
 from mobilellm.model import MobileLLM
-from mobilellm.quantize import quantize_model, save_quantized_dir
+from mobilellm.quantize import quantize_model
 
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
@@ -73,7 +73,7 @@ def test_layer_shared_onnx_stores_each_block_once(tmp_path):
 def test_onnx_cli_and_bad_inputs(tmp_path):
     model = tiny()
     save_model_dir(model, tmp_path / "f")
-    save_quantized_dir(quantize_model(copy.deepcopy(model), "w8a8"), tmp_path / "q")
+    save_model_dir(quantize_model(copy.deepcopy(model), "w8a8"), tmp_path / "q")
     proc = run_cli("export", tmp_path / "f", "--format", "onnx", "--output", tmp_path / "m.onnx", check=True)
     assert "onnx" in proc.stdout and (tmp_path / "m.onnx").exists()
     for args, needle in [

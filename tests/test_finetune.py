@@ -13,7 +13,7 @@ from mobilellm.checkpoint import save_model_dir
 from mobilellm.config import get_preset
 from mobilellm.errors import MobileLLMError
 from mobilellm.finetune import data as sft
-from mobilellm.finetune.distill import Distiller, TeacherCache
+from mobilellm.train.distill import Distiller, TeacherCache
 from mobilellm.model import MobileLLM
 from mobilellm.tokenizer import train_tokenizer
 from mobilellm.train import config as train_config
@@ -316,7 +316,7 @@ def test_sft_stream_resumes_exactly():
 
 
 def test_api_calling_data_is_deterministic_and_disjoint():
-    from mobilellm.finetune import api_calling as api
+    from mobilellm.eval import api_calling as api
 
     train, test = api.make_splits(300, 50, seed=7)
     assert (train, test) == api.make_splits(300, 50, seed=7)
@@ -332,7 +332,7 @@ def test_api_calling_data_is_deterministic_and_disjoint():
 
 def test_api_calling_metrics_on_hand_made_predictions():
     pytest.importorskip("rouge_score")
-    from mobilellm.finetune import api_calling as api
+    from mobilellm.eval import api_calling as api
 
     refs = [
         {"api": {"name": "set_alarm", "args": {"time": "7:00", "label": "gym"}}, "reply": "Your gym alarm is set for 7:00."},
@@ -364,7 +364,7 @@ def test_api_data_command(tmp_path):
 
 def test_api_calling_evaluation_runs_the_model(tmp_path, tokenizer):
     pytest.importorskip("rouge_score")
-    from mobilellm.finetune import api_calling as api
+    from mobilellm.eval import api_calling as api
 
     api.write_splits(tmp_path, 10, 6, seed=0)
     model = MobileLLM(get_preset("mobilellm-tiny", vocab_size=300)).eval()

@@ -10,7 +10,7 @@ import conftest
 from mobilellm.checkpoint import save_model_dir
 from mobilellm.config import get_preset
 from mobilellm.errors import MobileLLMError
-from mobilellm.generate import (Engine, IncrementalDetokenizer, SamplingParams, StopStrings, load_engine,
+from mobilellm.inference import (Engine, IncrementalDetokenizer, SamplingParams, StopStrings, load_engine,
                                 next_token)
 from mobilellm.model import MobileLLM
 from mobilellm.tokenizer import load_tokenizer, train_tokenizer
@@ -71,7 +71,7 @@ def engine(plain_dir):
 
 
 def require_native():
-    from mobilellm.native import NativeUnavailable, library
+    from mobilellm.inference.native import NativeUnavailable, library
 
     try:
         library()
@@ -100,7 +100,7 @@ def hf_greedy(model_dir, ids, n):
 
 def test_greedy_matches_transformers_on_exported_llama(plain_dir, backend):
     eng = load_engine(plain_dir, backend=backend)
-    assert eng.backend == backend
+    assert eng.backend.name == backend
     ids = eng.encode(PROMPTS[1])
     ours = eng.generate([ids], SamplingParams(max_new_tokens=64, ignore_eos=True))[0]
     assert len(ours.token_ids) == 64 and ours.finish_reason == "length"
@@ -111,7 +111,7 @@ def test_layer_shared_greedy_matches_transformers_on_unrolled_export(shared_dirs
     ls_dir, flat_dir = shared_dirs
     eng = load_engine(ls_dir, backend=backend)
     assert eng.config.n_logical_layers == 2 * eng.config.n_layers
-    assert eng.cache.k.shape[0] == eng.config.n_logical_layers  # one cache slot per logical layer
+    assert eng.backend.cache.k.shape[0] == eng.config.n_logical_layers  # one cache slot per logical layer
     ids = eng.encode(PROMPTS[0])
     ours = eng.generate([ids], SamplingParams(max_new_tokens=64, ignore_eos=True))[0]
     assert ours.token_ids == hf_greedy(flat_dir, ids, 64)
@@ -148,7 +148,7 @@ def test_a_request_joining_a_running_batch_gets_its_own_tokens(plain_dir, backen
         assert alone.generate([r.prompt_ids], r.params)[0].token_ids == r.output_ids
     # row 0 holds the keys/values `late` gets alone (it finishes last, so no later step reuses row 0)
     n = len(late.prompt_ids) + len(late.output_ids) - 1
-    torch.testing.assert_close(eng.cache.k[:, 0, :, :n], alone.cache.k[:, 0, :, :n])
+    torch.testing.assert_close(eng.backend.cache.k[:, 0, :, :n], alone.backend.cache.k[:, 0, :, :n])
 
 
 def test_sampling_is_reproducible_with_a_seed(engine):
@@ -253,14 +253,12 @@ def test_context_limits(plain_dir):
 @pytest.mark.parametrize("weights", ["bf16", "fp16", "int8"])
 def test_low_precision_weights_stay_close_to_fp32(plain_dir, weights, backend):
     ref = load_engine(plain_dir, backend=backend)
-    low = load_engine(plain_dir, weights=weights, backend=backend)
+    low = load_engine(plain_dir, precision=weights, backend=backend)
     assert low.weight_bytes() < ref.weight_bytes()
     ids = ref.encode(PROMPTS[1])
     with torch.inference_mode():
         for eng in (ref, low):
-            req = eng.make_request(ids, GREEDY)
-            req.row = 0
-            eng.logits = eng._prefill(req)
+            eng.logits = eng.backend.prefill(0, ids)
     err = (low.logits - ref.logits).abs().max() / ref.logits.std()
     assert err < 0.15, f"{weights} logits differ by {err:.3f} std"
     assert len(low.generate([ids], GREEDY)[0].token_ids) == GREEDY.max_new_tokens
@@ -270,21 +268,19 @@ def test_low_precision_weights_stay_close_to_fp32(plain_dir, weights, backend):
 def test_native_and_torch_backends_agree(plain_dir, weights):
     """Same logits (to float rounding) over a prompt longer than one native prefill chunk, and the same
     greedy tokens; the native library's KV cache equals the torch backend's."""
-    from mobilellm.native import PREFILL_CHUNK
+    from mobilellm.inference.native import PREFILL_CHUNK
 
     require_native()
-    native = load_engine(plain_dir, weights=weights, backend="native", max_len=200)
-    torch_engine = load_engine(plain_dir, weights=weights, backend="torch", max_len=200)
+    native = load_engine(plain_dir, precision=weights, backend="native", max_len=200)
+    torch_engine = load_engine(plain_dir, precision=weights, backend="torch", max_len=200)
     ids = [int(i) for i in torch.randint(0, native.config.vocab_size, (PREFILL_CHUNK + 37,),
                                          generator=torch.Generator().manual_seed(3))]
     with torch.inference_mode():
         logits = []
         for eng in (native, torch_engine):
-            req = eng.make_request(ids, GREEDY)
-            req.row = 0
-            logits.append(eng._prefill(req))
+            logits.append(eng.backend.prefill(0, ids))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(native.cache.k[:, 0, :, :len(ids)], torch_engine.cache.k[:, 0, :, :len(ids)],
+    torch.testing.assert_close(native.backend.cache.k[:, 0, :, :len(ids)], torch_engine.backend.cache.k[:, 0, :, :len(ids)],
                                rtol=1e-4, atol=1e-4)
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     assert native.generate([ids], params)[0].token_ids == torch_engine.generate([ids], params)[0].token_ids
@@ -294,21 +290,21 @@ def test_native_and_torch_backends_agree(plain_dir, weights):
 def test_native_low_precision_batched_equals_alone(plain_dir, weights):
     """Weight-only low precision with fp32 activations: a row's tokens do not depend on its neighbours."""
     require_native()
-    batched = load_engine(plain_dir, max_batch=4, weights=weights, backend="native").generate(PROMPTS, GREEDY)
-    alone = load_engine(plain_dir, weights=weights, backend="native")
+    batched = load_engine(plain_dir, max_batch=4, precision=weights, backend="native").generate(PROMPTS, GREEDY)
+    alone = load_engine(plain_dir, precision=weights, backend="native")
     assert [r.token_ids for r in batched] == [alone.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
 
 
 def test_native_backend_unavailable(plain_dir, tmp_path, monkeypatch):
     """No compiler: auto falls back to torch with a note, --backend native fails in one clear line."""
-    from mobilellm import native
+    from mobilellm.inference import native
 
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setenv("MOBILELLM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(MobileLLMError, match="no C compiler"):
         load_engine(plain_dir, backend="native")
-    assert load_engine(plain_dir).backend == "torch"
+    assert load_engine(plain_dir).backend.name == "torch"
     monkeypatch.delenv("CC")
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")

@@ -19,7 +19,6 @@ from mobilellm.quantize import (
     pack_int4,
     quantize_model,
     quantize_weight,
-    save_quantized_dir,
     scheme_from_name,
     to_fast_cpu,
     unpack_int4,
@@ -84,7 +83,7 @@ def test_quantized_dir_roundtrips_through_load_model_dir(tmp_path, scheme, embed
         ref = model(tokens)
         q = quantize_model(copy.deepcopy(model), scheme, embedding=embedding)
         out = q(tokens)
-    save_quantized_dir(q, tmp_path / "q")
+    save_model_dir(q, tmp_path / "q")
     hf = json.loads((tmp_path / "q" / "config.json").read_text())
     assert hf["quantization"]["scheme"] == scheme and hf["model_type"] == "mobilellm"
     state = load_file(tmp_path / "q" / "model.safetensors")
@@ -102,7 +101,7 @@ def test_quantized_dir_roundtrips_through_load_model_dir(tmp_path, scheme, embed
 def test_layer_shared_model_quantizes_each_block_once(tmp_path):
     model = tiny("mobilellm-tiny-ls")
     save_model_dir(model, tmp_path / "f")
-    save_quantized_dir(quantize_model(copy.deepcopy(model), "w8a8"), tmp_path / "q")
+    save_model_dir(quantize_model(copy.deepcopy(model), "w8a8"), tmp_path / "q")
     state = load_file(tmp_path / "q" / "model.safetensors")
     assert len([k for k in state if k.endswith("q_proj.weight")]) == model.config.n_layers
     reloaded = load_model_dir(tmp_path / "q")
@@ -142,7 +141,7 @@ def test_quantize_matches_torchao_numerics():
 def test_quantize_cli_writes_a_loadable_dir_and_reports_size(tmp_path):
     model = tiny()
     save_model_dir(model, tmp_path / "f")
-    proc = run_cli("quantize", tmp_path / "f", "--scheme", "8da4w", "--group-size", "32", "--output", tmp_path / "q",
+    proc = run_cli("quantize", tmp_path / "f", "--precision", "int4", "--group-size", "32", "--output", tmp_path / "q",
                    check=True)
     assert "8da4w" in proc.stdout and "MiB" in proc.stdout
     q = load_model_dir(tmp_path / "q")
@@ -155,9 +154,9 @@ def test_quantize_cli_writes_a_loadable_dir_and_reports_size(tmp_path):
 def test_quantize_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
     save_model_dir(MobileLLM(get_preset("mobilellm-tiny")), tmp_path / "f")  # ffn_dim 172: no 32-group fits
     cases = [
-        (["quantize", tmp_path / "missing", "--scheme", "w8a8", "--output", tmp_path / "o1"], "does not exist"),
-        (["quantize", tmp_path / "f", "--scheme", "8da4w", "--output", tmp_path / "o2"], "ffn_dim (172)"),
-        (["quantize", tmp_path / "f", "--scheme", "8da4w", "--group-size", "48", "--output", tmp_path / "o3"],
+        (["quantize", tmp_path / "missing", "--precision", "int8", "--output", tmp_path / "o1"], "does not exist"),
+        (["quantize", tmp_path / "f", "--precision", "int4", "--output", tmp_path / "o2"], "ffn_dim (172)"),
+        (["quantize", tmp_path / "f", "--precision", "int4", "--group-size", "48", "--output", tmp_path / "o3"],
          "multiple of 32"),
     ]
     for args, needle in cases:
@@ -166,8 +165,8 @@ def test_quantize_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
         assert not args[-1].exists()
-    run_cli("quantize", tmp_path / "f", "--scheme", "w8a8", "--output", tmp_path / "q", check=True)
-    proc = run_cli("quantize", tmp_path / "q", "--scheme", "int8", "--output", tmp_path / "qq")
+    run_cli("quantize", tmp_path / "f", "--precision", "int8", "--output", tmp_path / "q", check=True)
+    proc = run_cli("quantize", tmp_path / "q", "--precision", "int8-weight-only", "--output", tmp_path / "qq")
     assert proc.returncode != 0 and "already quantized" in proc.stderr and not (tmp_path / "qq").exists()
 
 

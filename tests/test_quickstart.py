@@ -4,7 +4,7 @@ import json
 
 from conftest import run_cli
 from mobilellm.checkpoint import load_model_dir
-from mobilellm.generate import SamplingParams, load_engine
+from mobilellm.inference import SamplingParams, load_engine
 
 
 def test_quickstart_writes_every_artifact_and_a_model_that_generates(tmp_path):

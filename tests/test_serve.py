@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from mobilellm.chat import ChatFormatter
-from mobilellm.generate import SamplingParams, load_engine
+from mobilellm.chat_template import ChatFormatter
+from mobilellm.inference import SamplingParams, load_engine
 from test_generate import make_model_dir, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 openai = pytest.importorskip("openai")

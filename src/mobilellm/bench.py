@@ -1,10 +1,10 @@
 """`mobilellm bench <model dir | .pte | .gguf | .onnx>`: on-device style latency on this CPU.
 
-The paper's latency table (PAPER.md §4) as a command: load time, first-token time (prefill of the
+The MobileLLM paper's on-device latency table as a command: load time, first-token time (prefill of the
 prompt plus the first greedy token: the paper's "init"), per-token decode time, peak resident memory
 and file size. Each runtime runs in a fresh subprocess so that load time and peak RSS are its own:
 
-  model directory  PyTorch eager through the generation engine (mobilellm.generate.Engine, torch backend)
+  model directory  PyTorch eager through the generation engine (mobilellm.inference.Engine, torch backend)
   .pte             ExecuTorch's Python runtime (XNNPACK delegate)
   .gguf            llama.cpp through llama-cpp-python (f16 KV cache, its default)
   .onnx            ONNX Runtime, CPU execution provider
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from mobilellm.errors import MobileLLMError
+from mobilellm.sysinfo import peak_rss_bytes
 
 RUNTIMES = {".pte": "executorch", ".gguf": "llama.cpp", ".onnx": "onnxruntime"}
 
@@ -54,17 +54,6 @@ def prompt_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
     return [rng.randrange(low, vocab_size) for _ in range(n)]
 
 
-def _peak_rss_bytes() -> int:
-    # VmHWM restarts at exec; ru_maxrss would carry over the parent's size from fork (Linux)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
-
-
 # ---- one runtime, in this process --------------------------------------------------------------
 
 
@@ -85,13 +74,13 @@ def _greedy(step, prompt: list[int], new_tokens: int) -> tuple[float, list[float
 
 def measure(path: str, runtime: str, threads: int, n_prompt: int, n_new: int) -> dict:
     """Runs in the worker subprocess."""
-    rss_before = _peak_rss_bytes()
+    rss_before = peak_rss_bytes()
     t0 = time.perf_counter()
     if runtime == "pytorch":
         import torch
 
         from mobilellm.checkpoint import load_model_dir
-        from mobilellm.generate import Engine, SamplingParams
+        from mobilellm.inference import Engine, SamplingParams
 
         torch.set_num_threads(threads)
         model = load_model_dir(path)
@@ -149,7 +138,7 @@ def measure(path: str, runtime: str, threads: int, n_prompt: int, n_new: int) ->
         "runtime": runtime, "path": str(path), "threads": threads, "prompt_tokens": n_prompt, "new_tokens": n_new,
         "load_ms": 1000 * load, "first_token_ms": 1000 * first, "decode_ms_per_token": decode_ms,
         "decode_tokens_per_s": 1000 / decode_ms if decode_ms else None,
-        "peak_rss_mib": _peak_rss_bytes() / 2**20, "rss_before_load_mib": rss_before / 2**20,
+        "peak_rss_mib": peak_rss_bytes() / 2**20, "rss_before_load_mib": rss_before / 2**20,
         "file_mib": artifact_bytes(path) / 2**20, "output_ids": out,
     }
 

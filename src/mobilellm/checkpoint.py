@@ -1,4 +1,4 @@
-"""Model directories: the one currency every stage reads and writes (DESIGN.md).
+"""Model directories: the one currency every stage reads and writes (docs/model.md).
 
 Layouts we write:
   * non-shared SwiGLU models: a plain `LlamaForCausalLM` directory (`config.json` with
@@ -8,8 +8,12 @@ Layouts we write:
     with the official MobileLLM fields (`share_embedding`, `layer_sharing`) plus our full config
     under the `mobilellm` key; `unroll=True` writes the equivalent plain Llama instead.
 
+  * quantized models (`mobilellm quantize`): `model_type: mobilellm` with a "quantization" section,
+    integer weights + scales (the format is described in quantize.py).
+
 Layouts we read: our own, the official MobileLLM checkpoints (`model_type: mobilellm`, fp16
 `pytorch_model.bin`, no output matrix) and Llama checkpoints (e.g. SmolLM2-135M).
+`load_model_and_tokenizer` is what every command uses to open a model directory.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from mobilellm.config import ModelConfig
 from mobilellm.errors import MobileLLMError
 from mobilellm.fileio import atomic_dir, write_json_atomic
 from mobilellm.model import MobileLLM
+from mobilellm import quantize as Q
 
 CONFIG_KEY = "mobilellm"  # our full ModelConfig inside config.json
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -135,7 +140,7 @@ def _weights_file(directory: Path, hf: dict) -> Path:
         raise MobileLLMError(f"{directory} has no weights ({', '.join(WEIGHT_FILES)})")
     official = hf.get("model_type") == "mobilellm" and CONFIG_KEY not in hf
     if official and (directory / "pytorch_model.bin").exists():
-        # Some auto-converted official safetensors are wrong (PAPER.md §5): trust the .bin.
+        # Some auto-converted official safetensors are wrong (perplexity ~39k): trust the .bin.
         return directory / "pytorch_model.bin"
     return present[0]
 
@@ -206,10 +211,8 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
     if not directory.is_dir():
         raise MobileLLMError(f"model directory {directory} does not exist")
     hf = _read_json(directory / "config.json")
-    if "quantization" in hf:  # integer weights + scales: quantize.py builds the quantized modules
-        from mobilellm.quantize import load_quantized
-
-        return load_quantized(directory, hf, _load_state_dict(_weights_file(directory, hf)), device, dtype)
+    if "quantization" in hf:  # integer weights + scales
+        return _load_quantized(directory, hf, _load_state_dict(_weights_file(directory, hf)), device, dtype)
     cfg = config_from_hf(hf)
     state = _strip_prefix(_load_state_dict(_weights_file(directory, hf)))
     if cfg.tie_embeddings:
@@ -263,24 +266,30 @@ def save_model_dir(model: MobileLLM, path: str | Path, tokenizer=None, *, unroll
 
     tokenizer: a mobilellm.tokenizer.Tokenizer (its files are written) or a directory to copy
     tokenizer files from. unroll: write a layer-shared model as a plain Llama with duplicated blocks.
+    A quantized model (quantize.quantize_model) is written in the quantized format.
     """
     from safetensors.torch import save_file
 
+    quantization = getattr(model, "quantization", None)
     if unroll and model.config.layer_sharing != "none":
+        if quantization:
+            raise MobileLLMError("unroll the float model before quantizing it")
         model = unrolled(model)
     cfg = model.config
-    dtype = dtype or model.output_weight.dtype
-    state = {}
-    for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
-            state[key] = value
-        else:
-            state[f"model.{key}"] = value
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    if quantization:
+        state, hf = quantized_state_dict(model), config_to_hf(cfg, torch.float32)
+        hf["model_type"] = "mobilellm"  # transformers must not mistake it for a float Llama
+        hf["architectures"] = ["MobileLLMForCausalLM"]
+        hf["quantization"] = dict(quantization)
+    else:
+        dtype = dtype or model.output_weight.dtype
+        state = {(k if k == "lm_head.weight" else f"model.{k}"): v.detach().to("cpu", dtype).contiguous()
+                 for k, v in model.state_dict().items()}
+        hf = config_to_hf(cfg, dtype)
     path = Path(path)
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json_atomic(tmp / "config.json", config_to_hf(cfg, dtype))
+        write_json_atomic(tmp / "config.json", hf)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
         gen.update(generation_config or {})
         write_json_atomic(tmp / "generation_config.json", gen)
@@ -303,3 +312,109 @@ def _write_tokenizer(tokenizer, directory: Path) -> None:
 def has_tokenizer(path: str | Path) -> bool:
     p = Path(path)
     return (p / "tokenizer.json").exists() or (p / "tokenizer.model").exists()
+
+
+def check_vocab(tokenizer, cfg: ModelConfig, source: str | Path = "the tokenizer") -> None:
+    """A tokenizer whose ids reach past the model's embedding fails now, not at the first large id."""
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise MobileLLMError(f"{source} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                             f"{cfg.vocab_size}: wrong tokenizer for this model")
+
+
+def load_model_and_tokenizer(path: str | Path, *, device: str | torch.device = "cpu",
+                             dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None,
+                             need_tokenizer: bool = True):
+    """(model, tokenizer) from a model directory: what every command opens a model with.
+
+    tokenizer: a tokenizer file or directory to use instead of the model directory's own. Without
+    one, need_tokenizer=False gives (model, None); otherwise a missing tokenizer is an error.
+    """
+    from mobilellm.tokenizer import load_tokenizer
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise MobileLLMError(f"model directory {directory} does not exist")
+    source = Path(tokenizer) if tokenizer else directory
+    tok = None
+    if tokenizer or has_tokenizer(directory):
+        tok = load_tokenizer(source)
+    elif need_tokenizer:
+        raise MobileLLMError(f"{directory} has no tokenizer files (tokenizer.json or tokenizer.model); "
+                             "pass --tokenizer <file or dir> where the command takes it, or save the model with its tokenizer")
+    check_vocab(tok, load_config(directory), source)  # before the weights load
+    return load_model_dir(directory, device=device, dtype=dtype), tok
+
+
+# ---- quantized models -------------------------------------------------------------------------
+
+
+def quantized_state_dict(model: MobileLLM) -> dict[str, torch.Tensor]:
+    """HF-style keys; int4 weights packed two per byte."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = name if name.startswith("lm_head.") else f"model.{name}"
+        if name.endswith(".weight_q"):
+            module = model.get_submodule(name.removesuffix(".weight_q"))
+            key = key.removesuffix("_q")
+            tensor = Q.pack_int4(tensor) if module.bits == 4 else tensor
+        state[key] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def _load_quantized(directory: Path, hf: dict, state: dict[str, torch.Tensor], device="cpu",
+                   dtype: torch.dtype = torch.float32) -> MobileLLM:
+    """Build the quantized model a directory describes (load_model_dir dispatches here)."""
+    quant = hf["quantization"]
+    if not isinstance(quant, dict) or quant.get("format_version") != Q.FORMAT_VERSION:
+        raise MobileLLMError(f"{directory}/config.json: unsupported quantization section {quant!r} "
+                             f"(this version reads format_version {Q.FORMAT_VERSION}); re-run mobilellm quantize")
+    cfg = config_from_hf(hf)
+    spec = Q.scheme_from_name(quant.get("scheme", "?"), quant.get("group_size") or 32)
+    emb = Q.embedding_quant(quant.get("embedding", "none"), quant.get("embedding_group_size") or 32)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    with torch.device("meta"):
+        model = MobileLLM(cfg)
+    model = model.to_empty(device="cpu")
+
+    def take(key: str) -> torch.Tensor:
+        try:
+            return state.pop(key)
+        except KeyError:
+            raise MobileLLMError(f"weights in {directory} lack {key!r}: the file does not match its config") from None
+
+    def take_quantized(prefix: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = take(prefix + ".weight"), take(prefix + ".weight_scale")
+        q = Q.unpack_int4(q) if bits == 4 else q
+        if q.dtype != torch.int8 or q.dim() != 2 or scale.dim() != 2 or scale.shape[0] != q.shape[0]:
+            raise MobileLLMError(f"weights in {directory}: {prefix} is not a valid int{bits} matrix with scales")
+        return q, scale
+
+    with torch.no_grad():
+        for name in Q.linear_names(model):
+            linear = model.get_submodule(name)
+            q, scale = take_quantized(name, spec.weight_bits)
+            if tuple(q.shape) != (linear.out_features, linear.in_features):
+                raise MobileLLMError(f"weight {name} in {directory} has shape {tuple(q.shape)}, config expects "
+                                     f"{(linear.out_features, linear.in_features)}")
+            Q.set_module(model, name, Q.QuantizedLinear(q, scale, spec.weight_bits, spec.dynamic_activations))
+        if emb is not None:
+            bits, _ = emb
+            model.embed_tokens = Q.QuantizedEmbedding(*take_quantized("embed_tokens", bits), bits)
+            if model.lm_head is not None:
+                model.lm_head = Q.QuantizedLinear(*take_quantized("lm_head", bits), bits, dynamic_activations=False)
+        rest = model.state_dict()
+        floats = {k: state[k] for k in rest if k in state}
+        missing = [k for k in rest if k not in state and not k.endswith(("weight_q", "weight_scale"))]
+        if missing or set(state) - set(floats):
+            raise MobileLLMError(f"weights in {directory} do not match its config: missing {missing[:3]}, "
+                                 f"unexpected {sorted(set(state) - set(floats))[:3]}")
+        model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False)
+    model.quantization = dict(quant)
+    return model.to(device).eval()
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    try:
+        return "quantization" in json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False

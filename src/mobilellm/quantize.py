@@ -1,4 +1,4 @@
-"""Post-training quantization (PAPER.md §4) and the quantized model-directory format.
+"""Post-training quantization: the schemes, their numerics and the quantized modules.
 
 Schemes (every nn.Linear of every block; the embedding/output matrix has its own setting):
   w8a8   int8 weights per output channel + int8 activations per token, dynamic (the paper's scheme)
@@ -19,14 +19,12 @@ On disk (a normal model directory; transformers cannot load it):
   model.safetensors  for a quantized matrix `X.weight` (int8, or uint8 with two int4 per byte, low
                      nibble first) and `X.weight_scale` (float32, (out_features, n_groups));
                      everything else (norms, an unquantized embedding) as float.
-`mobilellm.checkpoint.load_model_dir` dispatches here when config.json has "quantization".
+`mobilellm.checkpoint` reads and writes that format (save_model_dir, load_model_dir).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -176,7 +174,7 @@ class QuantizedEmbedding(nn.Module):
         return (rows.unflatten(-1, (groups, -1)) * scale[..., None]).flatten(-2)
 
 
-def _embedding_quant(mode: str, group_size: int) -> tuple[int, int | None] | None:
+def embedding_quant(mode: str, group_size: int) -> tuple[int, int | None] | None:
     if mode == "none":
         return None
     if mode == "int8":
@@ -191,7 +189,7 @@ def linear_names(model: MobileLLM) -> list[str]:
     return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name.startswith("layers.")]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -201,7 +199,7 @@ def quantize_model(model: MobileLLM, scheme: str, *, group_size: int = 32, embed
     if getattr(model, "quantization", None):
         raise MobileLLMError("model is already quantized; quantize its float model directory instead")
     spec = scheme_from_name(scheme, group_size)
-    emb = _embedding_quant(embedding, group_size)
+    emb = embedding_quant(embedding, group_size)
     cfg = model.config
     widths = {"dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "attention width": cfg.n_heads * cfg.attn_head_dim}
     checks = [(spec.group_size, widths)] + ([(emb[1], {"dim": cfg.dim})] if emb else [])
@@ -212,7 +210,7 @@ def quantize_model(model: MobileLLM, scheme: str, *, group_size: int = 32, embed
                                      f"choose a multiple of 32 that divides it ({_divisor_hint(width)})")
     with torch.no_grad():
         for name in linear_names(model):
-            _set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), spec))
+            set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), spec))
         if emb is not None:
             bits, group = emb
             q, scale = quantize_weight(model.embed_tokens.weight, bits, group)
@@ -228,107 +226,6 @@ def quantize_model(model: MobileLLM, scheme: str, *, group_size: int = 32, embed
 def _divisor_hint(width: int) -> str:
     options = [g for g in (32, 64, 128, 256) if width % g == 0]
     return ", ".join(map(str, options)) if options else "none exists: use --scheme w8a8 or int8"
-
-
-# ---- model directory IO ----------------------------------------------------------------------
-
-
-def quantized_state_dict(model: MobileLLM) -> dict[str, torch.Tensor]:
-    """HF-style keys; int4 weights packed two per byte."""
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = name if name.startswith("lm_head.") else f"model.{name}"
-        if name.endswith(".weight_q"):
-            module = model.get_submodule(name.removesuffix(".weight_q"))
-            key = key.removesuffix("_q")
-            tensor = pack_int4(tensor) if module.bits == 4 else tensor
-        state[key] = tensor.detach().cpu().contiguous()
-    return state
-
-
-def save_quantized_dir(model: MobileLLM, path: str | Path, tokenizer=None, generation_config: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    from mobilellm.checkpoint import _write_tokenizer, config_to_hf
-    from mobilellm.fileio import atomic_dir, write_json_atomic
-
-    cfg = model.config
-    hf = config_to_hf(cfg, torch.float32)
-    hf["model_type"] = "mobilellm"  # transformers must not mistake it for a float Llama
-    hf["architectures"] = ["MobileLLMForCausalLM"]
-    hf["quantization"] = dict(model.quantization)
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        save_file(quantized_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json_atomic(tmp / "config.json", hf)
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
-        gen.update(generation_config or {})
-        write_json_atomic(tmp / "generation_config.json", gen)
-        _write_tokenizer(tokenizer, tmp)
-    return path
-
-
-def load_quantized(directory: Path, hf: dict, state: dict[str, torch.Tensor], device="cpu",
-                   dtype: torch.dtype = torch.float32) -> MobileLLM:
-    """Build the quantized model a directory describes (called by checkpoint.load_model_dir)."""
-    from mobilellm.checkpoint import config_from_hf
-
-    quant = hf["quantization"]
-    if not isinstance(quant, dict) or quant.get("format_version") != FORMAT_VERSION:
-        raise MobileLLMError(f"{directory}/config.json: unsupported quantization section {quant!r} "
-                             f"(this version reads format_version {FORMAT_VERSION}); re-run mobilellm quantize")
-    cfg = config_from_hf(hf)
-    spec = scheme_from_name(quant.get("scheme", "?"), quant.get("group_size") or 32)
-    emb = _embedding_quant(quant.get("embedding", "none"), quant.get("embedding_group_size") or 32)
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    with torch.device("meta"):
-        model = MobileLLM(cfg)
-    model = model.to_empty(device="cpu")
-
-    def take(key: str) -> torch.Tensor:
-        try:
-            return state.pop(key)
-        except KeyError:
-            raise MobileLLMError(f"weights in {directory} lack {key!r}: the file does not match its config") from None
-
-    def take_quantized(prefix: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        q, scale = take(prefix + ".weight"), take(prefix + ".weight_scale")
-        q = unpack_int4(q) if bits == 4 else q
-        if q.dtype != torch.int8 or q.dim() != 2 or scale.dim() != 2 or scale.shape[0] != q.shape[0]:
-            raise MobileLLMError(f"weights in {directory}: {prefix} is not a valid int{bits} matrix with scales")
-        return q, scale
-
-    with torch.no_grad():
-        for name in linear_names(model):
-            linear = model.get_submodule(name)
-            q, scale = take_quantized(name, spec.weight_bits)
-            if tuple(q.shape) != (linear.out_features, linear.in_features):
-                raise MobileLLMError(f"weight {name} in {directory} has shape {tuple(q.shape)}, config expects "
-                                     f"{(linear.out_features, linear.in_features)}")
-            _set_module(model, name, QuantizedLinear(q, scale, spec.weight_bits, spec.dynamic_activations))
-        if emb is not None:
-            bits, _ = emb
-            model.embed_tokens = QuantizedEmbedding(*take_quantized("embed_tokens", bits), bits)
-            if model.lm_head is not None:
-                model.lm_head = QuantizedLinear(*take_quantized("lm_head", bits), bits, dynamic_activations=False)
-        rest = model.state_dict()
-        floats = {k: state[k] for k in rest if k in state}
-        missing = [k for k in rest if k not in state and not k.endswith(("weight_q", "weight_scale"))]
-        if missing or set(state) - set(floats):
-            raise MobileLLMError(f"weights in {directory} do not match its config: missing {missing[:3]}, "
-                                 f"unexpected {sorted(set(state) - set(floats))[:3]}")
-        model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False)
-    model.quantization = dict(quant)
-    return model.to(device).eval()
-
-
-def is_quantized_dir(path: str | Path) -> bool:
-    import json
-
-    try:
-        return "quantization" in json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
 
 
 # ---- fast CPU path ---------------------------------------------------------------------------
@@ -353,47 +250,5 @@ def to_fast_cpu(model: MobileLLM) -> MobileLLM:
                 mod.weight_q, mod.weight_scale[:, 0].double(), torch.zeros(mod.out_features, dtype=torch.long), 0)
             fast = DynamicQLinear(mod.in_features, mod.out_features, bias_=False, dtype=torch.qint8)
             fast.set_weight_bias(qweight, None)
-        _set_module(model, name, fast)
+        set_module(model, name, fast)
     return model
-
-
-# ---- CLI ---------------------------------------------------------------------------------------
-
-
-def run(args) -> int:
-    from mobilellm.checkpoint import has_tokenizer, load_model_dir
-
-    src = Path(args.model)
-    if not src.is_dir():
-        raise MobileLLMError(f"model directory {src} does not exist")
-    if is_quantized_dir(src):
-        raise MobileLLMError(f"{src} is already quantized; quantize its float model directory instead")
-    if Path(args.output).resolve() == src.resolve():
-        raise MobileLLMError("--output must differ from the input model directory")
-    model = load_model_dir(src)
-    quantize_model(model, args.scheme, group_size=args.group_size, embedding=args.embedding)
-    save_quantized_dir(model, args.output, tokenizer=src if has_tokenizer(src) else None)
-    gen = src / "generation_config.json"
-    if gen.exists():
-        (Path(args.output) / "generation_config.json").write_bytes(gen.read_bytes())
-    before = sum(f.stat().st_size for f in src.glob("model*.safetensors")) or 0
-    after = (Path(args.output) / "model.safetensors").stat().st_size
-    ratio = f" ({after / before:.2f}x of {before / 2**20:.1f} MiB)" if before else ""
-    print(f"quantized {src} with {args.scheme}"
-          + (f" (group {args.group_size})" if args.scheme == "8da4w" else "")
-          + f", embedding {args.embedding} -> {args.output}: weights {after / 2**20:.1f} MiB{ratio}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("quantize", help="post-training quantization of a model directory (w8a8, int8, 8da4w)",
-                       description=__doc__.split("\n\n")[1] if __doc__ else None)
-    p.add_argument("model", help="float model directory")
-    p.add_argument("--scheme", required=True, choices=SCHEMES,
-                   help="w8a8: int8 weights per channel + int8 dynamic per-token activations (paper); "
-                        "int8: weight-only; 8da4w: int4 group-wise weights + int8 dynamic activations")
-    p.add_argument("--group-size", type=int, default=32, help="8da4w (and int4 embedding) group size (default 32)")
-    p.add_argument("--embedding", default="none", choices=EMBEDDING_MODES,
-                   help="embedding/output matrix: none (float), int8 (per row) or int4 (group-wise)")
-    p.add_argument("--output", required=True, help="output model directory")
-    p.set_defaults(func=run)

@@ -85,7 +85,7 @@ def run(args) -> int:
     _say(f"      validation loss {val['loss']:.3f}, perplexity {ppl:.1f}")
 
     # 5. a sample from the generation engine
-    from mobilellm.generate import Engine, SamplingParams
+    from mobilellm.inference import Engine, SamplingParams
 
     engine = Engine(model, load_tokenizer(result.final_dir))
     params = SamplingParams(max_new_tokens=60, temperature=0.8, top_k=40, seed=0)

@@ -1,22 +1,25 @@
-"""`mobilellm serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the generation engine.
+"""An OpenAI-compatible HTTP API (FastAPI) over the generation engine; `mobilellm serve` runs it.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
 `stream: true` as server-sent events `data: {...}` ending in `data: [DONE]`).
 
-Concurrency: HTTP handlers only validate, tokenize and queue. One background thread (BatchingLoop)
-owns the model: each iteration admits waiting requests into free cache rows (prefill) and runs one
-decode step for all active rows together (continuous batching), then hands every request its new
-text through an asyncio queue. The waiting queue is bounded (`--max-queue`): beyond it the server
-answers 503. A client that disconnects has its request cancelled and its row freed at the next step.
+Concurrency: HTTP handlers only validate and queue; tokenizing and template rendering run on worker
+threads, off the event loop, so one large request never stalls the others (or /health). One
+background thread (BatchingLoop) owns the model: each iteration admits waiting requests into free
+cache rows (prefill) and runs one decode step for all active rows together (continuous batching),
+then hands every request its new text through an asyncio queue. A client that disconnects has its
+request cancelled and its row freed at the next step.
 
-Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}; the server keeps serving.
+Limits (ServerLimits; docs/inference.md): request bodies over `max_request_bytes` get 413 before
+they are read; prompts that cannot fit the context get 400 before they are tokenized; at most
+`max_queue` requests wait for a row, more get 503. Errors use OpenAI's body
+{"error": {"message", "type", "param", "code"}}; the server keeps serving.
 """
 
-# No `from __future__ import annotations`: FastAPI must see the real `Request` class of the route handlers,
-# which are defined inside create_app (fastapi is imported lazily).
+# No `from __future__ import annotations`: FastAPI must see the real `Request` class of the route
+# handlers, which are defined inside OpenAIServer.app (fastapi is imported lazily).
 import asyncio
 import json
-import os
 import sys
 import threading
 import time
@@ -24,9 +27,21 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from mobilellm.chat_template import ROLES, ChatFormatter
 from mobilellm.errors import MobileLLMError
+from mobilellm.inference import SamplingParams
+from mobilellm.inference.sampling import MAX_STOP_STRINGS
+from mobilellm.sysinfo import return_freed_memory
 
 API_KEY_ENV = "MOBILELLM_API_KEY"
+MAX_STOP_CHARS = 256  # per stop string
+BIG_REQUEST_BYTES = 256 * 1024  # after such a request, freed memory is handed back to the OS
+
+
+@dataclass
+class ServerLimits:
+    max_request_bytes: int = 1_000_000  # a request body over this gets 413
+    max_queue: int = 64  # requests waiting for a cache row; more get 503
 
 
 class APIError(Exception):
@@ -77,8 +92,7 @@ class BatchingLoop:
         with self.wake:
             if len(self.engine.waiting) >= self.max_queue:
                 raise APIError(503, f"the server is busy: {len(self.engine.waiting)} requests wait already; "
-                                    "retry later",
-                               type="server_error", code="server_overloaded")
+                                    "retry later", type="server_error", code="server_overloaded")
             handle = Handle(request, asyncio.Queue(), asyncio.get_running_loop())
             self.handles[request.id] = handle
             self.engine.submit(request)
@@ -102,46 +116,45 @@ class BatchingLoop:
                 events = self.engine.step()
             except Exception as err:  # never let one bad step kill the server: fail the requests in flight
                 print(f"error: generation step failed: {err!r}", file=sys.stderr)
-                events = []
-                for req in list(self.engine.active) + list(self.engine.waiting):
-                    self.engine._finish(req, "error")
-                    events.append(req)
+                events = list(self.engine.active) + list(self.engine.waiting)
                 self.engine.waiting.clear()
+                for req in events:
+                    self.engine.finish(req, "error")
             for req in events:
                 handle = self.handles.get(req.id)
                 if handle is None:
                     continue
-                item = (req.new_text, req.finish_reason)
-                handle.loop.call_soon_threadsafe(handle.queue.put_nowait, item)
+                handle.loop.call_soon_threadsafe(handle.queue.put_nowait, (req.new_text, req.finish_reason))
                 if req.finished:
                     self.handles.pop(req.id, None)
 
 
-# ---- request parsing -------------------------------------------------------------------------------
+# ---- request bodies ------------------------------------------------------------------------------
 
 
 def _schemas():
-    """Pydantic request models (built lazily: pydantic is only needed by the server)."""
+    """Pydantic request models (built lazily: pydantic is only needed by the server). Every field has
+    its range: what passes here the engine accepts."""
     from pydantic import BaseModel, ConfigDict, Field
 
     class Sampling(BaseModel):
         model_config = ConfigDict(strict=True, extra="ignore")
-        model: str | None = None
-        max_tokens: int | None = None
-        max_completion_tokens: int | None = None
+        model: str | None = Field(default=None, max_length=256)
+        max_tokens: int | None = Field(default=None, ge=-2**31, le=2**31)
+        max_completion_tokens: int | None = Field(default=None, ge=-2**31, le=2**31)
         temperature: float | None = Field(default=None, ge=0, le=2)
         top_p: float | None = Field(default=None, gt=0, le=1)
-        top_k: int | None = Field(default=None, ge=0)
-        repetition_penalty: float | None = Field(default=None, gt=0)
-        seed: int | None = None
-        stop: str | list[str] | None = None
+        top_k: int | None = Field(default=None, ge=0, le=2**31)
+        repetition_penalty: float | None = Field(default=None, gt=0, le=100)
+        seed: int | None = Field(default=None, ge=0, lt=2**64)
+        stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
         stream: bool = False
         stream_options: dict | None = None
         n: int = Field(default=1, ge=1, le=1)
         presence_penalty: float | None = Field(default=None, ge=0, le=0)
         frequency_penalty: float | None = Field(default=None, ge=0, le=0)
         logprobs: Any = None
-        user: str | None = None
+        user: str | None = Field(default=None, max_length=256)
 
     class CompletionBody(Sampling):
         prompt: str | list[str] | list[int]
@@ -187,88 +200,240 @@ def _text_content(content, index: int) -> str:
     return "".join(parts)
 
 
-# ---- the app -----------------------------------------------------------------------------------------
+def _finish_reason(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
 
 
-def create_app(engine, model_name: str, *, api_key: str | None = None, max_queue: int = 64):
-    """The FastAPI application; the batching thread starts and stops with the app's lifespan."""
-    import contextlib
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import ValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from mobilellm.chat import ChatFormatter
-    from mobilellm.generate import SamplingParams
+# ---- the server ----------------------------------------------------------------------------------
 
-    CompletionBody, ChatBody = _schemas()
-    batching = BatchingLoop(engine, max_queue)
-    formatter = ChatFormatter(engine.tokenizer, engine.max_len) if engine.tokenizer is not None else None
-    created = int(time.time())
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        batching.start()
-        yield
-        batching.stop()
+class OpenAIServer:
+    """The API over one engine. `app()` is the FastAPI application (the batching thread starts and
+    stops with its lifespan)."""
 
-    app = FastAPI(title="mobilellm", lifespan=lifespan)
-    app.state.batching = batching
+    def __init__(self, engine, model_name: str, *, api_key: str | None = None, limits: ServerLimits | None = None):
+        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        self.limits = limits or ServerLimits()
+        self.batching = BatchingLoop(engine, self.limits.max_queue)
+        tok = engine.tokenizer
+        self.formatter = ChatFormatter(tok, engine.max_len) if tok is not None else None
+        # a text longer than this cannot fit the context, whatever it holds: refused before tokenizing
+        longest_token = max((len(tok.id_to_token(i) or "") for i in range(tok.vocab_size)), default=1) if tok else 1
+        self.max_prompt_chars = engine.max_len * max(longest_token, 1)
+        self.created = int(time.time())
+        self.CompletionBody, self.ChatBody = _schemas()
 
-    def error_response(err: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if err.status == 503 else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    # ---- the FastAPI application ---------------------------------------------------------------
+    def app(self):
+        import contextlib
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, err: APIError):
-        return error_response(err)
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse
+        from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, err):
-        return error_response(_validation_error(err))
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            self.batching.start()
+            yield
+            self.batching.stop()
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, err):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return error_response(APIError(err.status_code, str(err.detail), code=code))
+        app = FastAPI(title="mobilellm", lifespan=lifespan)
+        app.state.batching = self.batching
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(APIError(401, "incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                               code="invalid_api_key"))
-        return await call_next(request)
+        def error_response(err: APIError) -> JSONResponse:
+            headers = {"Retry-After": "1"} if err.status == 503 else None
+            return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
-    async def parse(request: Request, schema):
-        raw = await request.body()
+        @app.exception_handler(APIError)
+        async def _api_error(request, err: APIError):
+            return error_response(err)
+
+        @app.exception_handler(RequestValidationError)
+        async def _invalid(request, err):
+            return error_response(_validation_error(err))
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(request, err):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+            return error_response(APIError(err.status_code, str(err.detail), code=code))
+
+        @app.middleware("http")
+        async def _gate(request: Request, call_next):
+            if self.api_key and request.url.path.startswith("/v1/"):
+                if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+                    return error_response(APIError(401, "incorrect or missing API key: send 'Authorization: "
+                                                        "Bearer <key>'", code="invalid_api_key"))
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > self.limits.max_request_bytes:
+                return error_response(self._too_large())
+            return await call_next(request)
+
+        @app.get("/health")
+        async def health():
+            return self.health()
+
+        @app.get("/v1/models")
+        async def models():
+            return self.models()
+
+        @app.post("/v1/completions")
+        async def completions(http_request: Request):
+            return await self.completions(http_request)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(http_request: Request):
+            return await self.chat_completions(http_request)
+
+        return app
+
+    # ---- endpoints ---------------------------------------------------------------------------------
+    def health(self) -> dict:
+        engine = self.engine
+        return {"status": "ok", "model": self.model_name, "active": len(engine.active), "waiting": len(engine.waiting),
+                "max_batch": engine.max_batch, "max_queue": self.limits.max_queue, **engine.stats}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "mobilellm", "context_length": self.engine.max_len}]}
+
+    async def completions(self, http_request):
+        raw = await self._read_body(http_request)
+        body = self._parse(raw, self.CompletionBody)
+        self._check_model(body.model)
+        token_ids = isinstance(body.prompt, list) and all(isinstance(t, int) for t in body.prompt)
+        if self.engine.tokenizer is None and not token_ids:
+            raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise APIError(400, "send one prompt per request (a list of several prompts is not supported)",
+                               param="prompt", code="unsupported")
+            prompt = prompt[0]
+        if isinstance(prompt, list) and not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+        if isinstance(prompt, str):
+            self._check_prompt_chars(len(prompt), "prompt")
+            ids = await asyncio.to_thread(self.engine.encode, prompt)
+        else:
+            ids = list(prompt)
+        ids = self._prompt_ids(ids, "prompt")
+        handle = self._start(ids, self._sampling(body, len(ids)))
+        rid, echo = f"cmpl-{uuid.uuid4().hex}", (prompt if body.echo and isinstance(prompt, str) else "")
+
+        def chunk(text, finish):
+            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            return self._streaming(handle, chunk, body, [chunk(echo, None)] if echo else [], len(raw))
+        text, finish = await self._collect(handle, http_request, len(raw))
+        out = chunk(echo + text, _finish_reason(finish))
+        out["usage"] = self._usage(handle)
+        return out
+
+    async def chat_completions(self, http_request):
+        raw = await self._read_body(http_request)
+        body = self._parse(raw, self.ChatBody)
+        self._check_model(body.model)
+        if self.formatter is None:
+            raise APIError(400, "this model has no tokenizer, so it cannot chat", code="unsupported")
+        messages = [{"role": m.role, "content": _text_content(m.content, i)} for i, m in enumerate(body.messages)]
+        for i, m in enumerate(messages):
+            if m["role"] not in ROLES:
+                raise APIError(400, f"messages[{i}].role must be system, user or assistant", param=f"messages.{i}.role")
+        self._check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        try:  # the template comes from the model directory: rendered with bounds, off the event loop
+            ids = await asyncio.to_thread(self.formatter.encode, messages)
+        except MobileLLMError as err:
+            raise APIError(400, str(err), param="messages") from None
+        ids = self._prompt_ids(ids, "messages")
+        handle = self._start(ids, self._sampling(body, len(ids), self.formatter.stops))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+
+        def chunk(text, finish):
+            delta = {} if text is None else {"content": text}
+            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": self.model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            head = chunk("", None)
+            head["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            return self._streaming(handle, chunk, body, [head], len(raw))
+        text, finish = await self._collect(handle, http_request, len(raw))
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": _finish_reason(finish)}],
+                "usage": self._usage(handle)}
+
+    # ---- request handling ------------------------------------------------------------------------
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.limits.max_request_bytes:,} bytes "
+                             "(the server's --max-request-bytes)", code="request_too_large")
+
+    async def _read_body(self, http_request) -> bytes:
+        """The body, read only up to the limit (a chunked upload has no length to check first)."""
+        chunks, size = [], 0
+        async for chunk in http_request.stream():
+            size += len(chunk)
+            if size > self.limits.max_request_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse(self, raw: bytes, schema):
+        from pydantic import ValidationError
+
         try:
             return schema.model_validate_json(raw or b"{}")
         except ValidationError as err:
             raise _validation_error(err) from None
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(body, prompt_tokens: int, extra_stops: list[str] = ()) -> SamplingParams:
+    def _context_error(self, what: str, param: str) -> APIError:
+        return APIError(400, f"this model's context is {self.engine.max_len} tokens and {what}: shorten the prompt",
+                        param=param, code="context_length_exceeded")
+
+    def _check_prompt_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise self._context_error(f"a text of {chars:,} characters cannot fit in it", param)
+
+    def _prompt_ids(self, ids: list[int], param: str) -> list[int]:
+        if len(ids) >= self.engine.max_len:
+            raise self._context_error(f"the prompt has {len(ids)}", param)
+        try:
+            self.engine.check_prompt(ids)
+        except MobileLLMError as err:
+            raise APIError(400, str(err), param=param, code="invalid_value") from None
+        return ids
+
+    def _sampling(self, body, prompt_tokens: int, extra_stops: list[str] = ()) -> SamplingParams:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        room = engine.max_len - prompt_tokens
+        room = self.engine.max_len - prompt_tokens
         if max_tokens is None:
-            max_tokens = room if isinstance(body, ChatBody) else min(16, room)  # OpenAI defaults
+            max_tokens = room if isinstance(body, self.ChatBody) else min(16, room)  # OpenAI defaults
         if max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens",
                            code="invalid_value")
         if max_tokens > room:
-            raise APIError(400, f"this model's context is {engine.max_len} tokens; the prompt has {prompt_tokens} "
+            raise APIError(400, f"this model's context is {self.engine.max_len} tokens; the prompt has {prompt_tokens} "
                                 f"and max_tokens asks for {max_tokens}: lower max_tokens or shorten the prompt",
                            param="max_tokens", code="context_length_exceeded")
         if body.logprobs not in (None, False):
             raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"each stop string may have at most {MAX_STOP_CHARS} characters", param="stop",
+                           code="invalid_value")
         params = SamplingParams(
             max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
             top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
@@ -279,24 +444,18 @@ def create_app(engine, model_name: str, *, api_key: str | None = None, max_queue
             raise APIError(400, str(err), param="stop", code="invalid_value") from None
         return params
 
-    def prompt_ids(ids: list[int], param: str) -> list[int]:
-        if len(ids) >= engine.max_len:
-            raise APIError(400, f"this model's context is {engine.max_len} tokens and the prompt has {len(ids)}: "
-                                "shorten the prompt", param=param, code="context_length_exceeded")
+    def _start(self, ids: list[int], params: SamplingParams) -> Handle:
         try:
-            engine.check_prompt(ids)
-        except MobileLLMError as err:
-            raise APIError(400, str(err), param=param, code="invalid_value") from None
-        return ids
-
-    def start(ids: list[int], params: SamplingParams) -> Handle:
-        try:
-            request = engine.make_request(ids, params)
+            request = self.engine.make_request(ids, params)
         except MobileLLMError as err:
             raise APIError(400, str(err), code="invalid_value") from None
-        return batching.submit(request)
+        return self.batching.submit(request)
 
-    async def collect(handle: Handle, http_request: Request) -> tuple[str, str]:
+    def _done(self, body_bytes: int) -> None:
+        if body_bytes > BIG_REQUEST_BYTES:  # tokenizing it left freed heap behind: give it back
+            return_freed_memory()
+
+    async def _collect(self, handle: Handle, http_request, body_bytes: int) -> tuple[str, str]:
         """Wait for a whole completion; cancel it if the client goes away."""
         text = []
         try:
@@ -305,197 +464,65 @@ def create_app(engine, model_name: str, *, api_key: str | None = None, max_queue
                     delta, finish = await asyncio.wait_for(handle.queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await http_request.is_disconnected():
-                        batching.cancel(handle.request)
+                        self.batching.cancel(handle.request)
                         raise APIError(499, "client closed the request", code="client_closed") from None
                     continue
                 text.append(delta)
                 if finish is not None:
+                    if finish == "error":
+                        raise APIError(500, "generation failed", type="server_error")
                     return "".join(text), finish
         except asyncio.CancelledError:
-            batching.cancel(handle.request)
+            self.batching.cancel(handle.request)
             raise
+        finally:
+            self._done(body_bytes)
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def usage(handle: Handle) -> dict:
+    def _usage(self, handle: Handle) -> dict:
         req = handle.request
         return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
                 "total_tokens": len(req.prompt_ids) + len(req.output_ids)}
 
-    def finish_reason(reason: str) -> str:
-        return reason if reason in ("stop", "length") else "stop"
+    def _streaming(self, handle: Handle, make_chunk, body, first: list[dict], body_bytes: int):
+        from fastapi.responses import StreamingResponse
 
-    async def stream_events(handle: Handle, make_chunk, include_usage: bool, first: list[dict] = ()):
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(self._events(handle, make_chunk, include_usage, first, body_bytes),
+                                 media_type="text/event-stream")
+
+    async def _events(self, handle: Handle, make_chunk, include_usage: bool, first: list[dict], body_bytes: int):
         try:
             for chunk in first:
-                yield sse(chunk)
+                yield _sse(chunk)
             while True:
                 delta, finish = await handle.queue.get()
                 if finish == "error":
-                    yield sse(APIError(500, "generation failed", type="server_error").body())
+                    yield _sse(APIError(500, "generation failed", type="server_error").body())
                     break
                 if delta:
-                    yield sse(make_chunk(delta, None))
+                    yield _sse(make_chunk(delta, None))
                 if finish is not None:
-                    yield sse(make_chunk(None, finish_reason(finish)))
+                    yield _sse(make_chunk(None, _finish_reason(finish)))
                     break
             if include_usage:
                 final = make_chunk(None, None)
-                final["choices"], final["usage"] = [], usage(handle)
-                yield sse(final)
+                final["choices"], final["usage"] = [], self._usage(handle)
+                yield _sse(final)
             yield "data: [DONE]\n\n"
         finally:  # normal end, or the client went away (the response task is cancelled)
-            batching.cancel(handle.request)
-
-    # ---- routes --------------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name, "active": len(engine.active), "waiting": len(engine.waiting),
-                "max_batch": engine.max_batch, "max_queue": max_queue, **engine.stats}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "mobilellm", "context_length": engine.max_len}]}
-
-    @app.post("/v1/completions")
-    async def completions(http_request: Request):
-        body = await parse(http_request, CompletionBody)
-        check_model(body.model)
-        token_ids = isinstance(body.prompt, list) and all(isinstance(t, int) for t in body.prompt)
-        if engine.tokenizer is None and not token_ids:
-            raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise APIError(400, "send one prompt per request (a list of several prompts is not supported)",
-                               param="prompt", code="unsupported")
-            prompt = prompt[0]
-        if isinstance(prompt, list) and not prompt:
-            raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
-        ids = prompt_ids(engine.encode(prompt) if isinstance(prompt, str) else list(prompt), "prompt")
-        params = sampling(body, len(ids))
-        handle = start(ids, params)
-        rid, echo = f"cmpl-{uuid.uuid4().hex}", (prompt if body.echo and isinstance(prompt, str) else "")
-
-        def chunk(text, finish):
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
-
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            first = [chunk(echo, None)] if echo else []
-            return StreamingResponse(stream_events(handle, chunk, include_usage, first), media_type="text/event-stream")
-        text, finish = await collect(handle, http_request)
-        if finish == "error":
-            raise APIError(500, "generation failed", type="server_error")
-        out = chunk(echo + text, finish_reason(finish))
-        out["usage"] = usage(handle)
-        return out
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http_request: Request):
-        body = await parse(http_request, ChatBody)
-        check_model(body.model)
-        if formatter is None:
-            raise APIError(400, "this model has no tokenizer, so it cannot chat", code="unsupported")
-        messages = [{"role": m.role, "content": _text_content(m.content, i)} for i, m in enumerate(body.messages)]
-        for i, m in enumerate(messages):
-            if m["role"] not in ("system", "user", "assistant"):
-                raise APIError(400, f"messages[{i}].role must be system, user or assistant", param=f"messages.{i}.role")
-        try:
-            ids = formatter.encode(messages)
-        except MobileLLMError as err:
-            raise APIError(400, str(err), param="messages") from None
-        ids = prompt_ids(ids, "messages")
-        params = sampling(body, len(ids), formatter.stops)
-        handle = start(ids, params)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-
-        def chunk(text, finish):
-            delta = {} if text is None else {"content": text}
-            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            head = chunk("", None)
-            head["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            return StreamingResponse(stream_events(handle, chunk, include_usage, [head]),
-                                     media_type="text/event-stream")
-        text, finish = await collect(handle, http_request)
-        if finish == "error":
-            raise APIError(500, "generation failed", type="server_error")
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": finish_reason(finish)}],
-                "usage": usage(handle)}
-
-    return app
+            self.batching.cancel(handle.request)
+            self._done(body_bytes)
 
 
-# ---- CLI ------------------------------------------------------------------------------------------------
-
-
-def _check_port(host: str, port: int) -> None:
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as err:
-            raise MobileLLMError(f"cannot listen on {host}:{port} ({err.strerror}); "
-                                 "choose another --port or --host") from None
-
-
-def run(args) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise MobileLLMError("serving needs fastapi and uvicorn: pip install 'mobilellm[serve]'") from None
+def model_name_for(directory) -> str:
+    """The id clients send: the model directory's name, or its nearest telling ancestor's where the
+    directory has a generic name (runs/quickstart/run/final -> "quickstart")."""
+    import re
     from pathlib import Path
 
-    from mobilellm.generate import load_engine
-
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise MobileLLMError("--max-batch must be >= 1 and --max-queue >= 0")
-    if not (0 <= args.port <= 65535):
-        raise MobileLLMError(f"--port must be between 0 and 65535, got {args.port}")
-    _check_port(args.host, args.port)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    engine = load_engine(args.model, weights=args.weights, compile=args.compile, threads=args.threads,
-                         max_batch=args.max_batch, max_len=args.max_len, backend=args.backend)
-    name = args.model_name or Path(args.model).resolve().name
-    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue)
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots, context {engine.max_len}, "
-          f"weights {args.weights}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
-
-
-def register(sub) -> None:
-    from mobilellm.generate import BACKENDS, WEIGHT_MODES
-
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
-                       description="Serves /v1/completions, /v1/chat/completions (streaming or not), /v1/models and "
-                                   "/health. Needs the [serve] extra (fastapi, uvicorn).")
-    p.add_argument("model", help="model directory (with tokenizer files)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
-    p.add_argument("--model-name", default=None, help="model id clients send (default: the directory name)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together, one cache row each (default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests allowed to wait for a row; more get 503 (default 64)")
-    p.add_argument("--max-len", type=int, default=None, help="context per request (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
-    p.add_argument("--weights", choices=WEIGHT_MODES, default="fp32", help="decode weights (default fp32)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="native C forward pass (built once with the C compiler) or torch; auto: native where it builds")
-    p.add_argument("--compile", action="store_true", help="torch.compile the torch backend's decode step")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
-    p.set_defaults(func=run)
+    generic = re.compile(r"^(final|model|run|runs|checkpoints?|step-\d+|\d+)$")
+    path = Path(directory).resolve()
+    for part in [path, *path.parents]:
+        if part.name and not generic.match(part.name):
+            return part.name
+    return path.name or "model"

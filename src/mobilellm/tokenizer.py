@@ -25,22 +25,19 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from mobilellm.chat_template import ROLES, default_chat_template, role_token
 from mobilellm.errors import MobileLLMError
 from mobilellm.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 DEFAULT_BOS = "<s>"
 DEFAULT_EOS = "</s>"
 DEFAULT_PAD = "<pad>"
-DEFAULT_ROLES = ("system", "user", "assistant")  # role r gets the special token "<|r|>"
+DEFAULT_ROLES = ROLES  # role r gets the special token "<|r|>"
 
 # Names that mean BOS / EOS in tokenizer.json files that come without a tokenizer_config.json.
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "<|startoftext|>")
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
-
-
-def role_token(role: str) -> str:
-    return f"<|{role}|>"
 
 
 class Tokenizer:
@@ -433,20 +430,6 @@ def _one_line(err: BaseException) -> str:
 # ======================================================================================
 # training
 # ======================================================================================
-def default_chat_template(roles: Sequence[str], add_bos: bool) -> str:
-    """`<|role|>\\ncontent</s>` per message, then `<|assistant|>\\n` when a generation prompt is asked for."""
-    role_map = ", ".join(f"'{r}': '{role_token(r)}'" for r in roles)
-    last = "assistant" if "assistant" in roles else roles[-1]
-    return (
-        ("{{ bos_token }}" if add_bos else "")
-        + "{% set role_tokens = {" + role_map + "} %}"
-        + "{% for message in messages %}"
-        + "{{ role_tokens[message['role']] + '\\n' + message['content'] + eos_token }}"
-        + "{% endfor %}"
-        + "{% if add_generation_prompt %}{{ '" + role_token(last) + "\\n' }}{% endif %}"
-    )
-
-
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
@@ -465,7 +448,7 @@ def train_tokenizer(
 
     Special tokens get the lowest ids in the order pad, bos, eos, `<|role|>` per role, extra — so with
     the defaults pad=0, bos=1, eos=2 (the ids ModelConfig assumes). No UNK is needed: every byte has a
-    token. `chat_template="default"` builds one from the role tokens; None leaves it out.
+    token. `chat_template="default"` stores chat_template.default_chat_template; None leaves it out.
     """
     from tokenizers import Tokenizer as _Tk
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -509,7 +492,7 @@ def train_tokenizer(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tk.token_to_id(bos))]
         )
     config = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": None}
-    template = default_chat_template(roles, add_bos) if chat_template == "default" and roles else chat_template
+    template = default_chat_template(add_bos) if chat_template == "default" and roles else chat_template
     return HFTokenizer(tk, {**config, "add_bos_token": add_bos}, template)
 
 

@@ -93,7 +93,7 @@ def evaluate(model: MobileLLM, tokenizer, tasks, data_dir: str | Path | None = N
         elif task.kind == "lambada":
             res = score_lambada(scorer, T.load_examples(name, data_dir, limit), desc=name)
         elif task.kind == "generation":  # greedy responses scored by exact match and ROUGE
-            from mobilellm.finetune import api_calling
+            from mobilellm.eval import api_calling
 
             res = api_calling.evaluate(model, tokenizer, T.task_file(task, data_dir), limit)
         elif name == "wikitext2":

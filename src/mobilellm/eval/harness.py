@@ -18,9 +18,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from mobilellm.eval.cli import load_model_and_tokenizer, resolve_device
+from mobilellm.checkpoint import load_model_and_tokenizer
 from mobilellm.eval.scoring import LoglikelihoodScorer
 from mobilellm.model import KVCache
+from mobilellm.precision import float_dtype
+from mobilellm.sysinfo import resolve_device
 
 
 @register_model("mobilellm")
@@ -31,7 +33,8 @@ class MobileLLMHarnessLM(LM):
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's CLI asks for cuda by default; HFLM falls back the same way
         self.device_ = resolve_device(str(device))
-        self.model, self.tokenizer = load_model_and_tokenizer(pretrained, tokenizer, self.device_, dtype)
+        self.model, self.tokenizer = load_model_and_tokenizer(pretrained, device=self.device_, dtype=float_dtype(dtype),
+                                                              tokenizer=tokenizer)
         # lm-eval passes "auto" or a string; "auto" has no meaning here: use our default
         bs = 32 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length) if max_length else self.model.config.max_seq_len

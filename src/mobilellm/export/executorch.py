@@ -121,7 +121,7 @@ def prepare_for_pte(model: MobileLLM, quant: str, group_size: int = 32) -> Mobil
                 replacement.weight = nn.Parameter(mod.dequantized_weight(), requires_grad=False)
             else:
                 replacement = _torchao_linear(mod)
-            Q._set_module(model, name, replacement)
+            Q.set_module(model, name, replacement)
         elif isinstance(mod, Q.QuantizedEmbedding):  # lookups are exact on the dequantized table
             model.embed_tokens = nn.Embedding.from_pretrained(mod.weight, freeze=True)
     return model

@@ -81,7 +81,7 @@ def _dequantized(model: MobileLLM) -> MobileLLM:
                                      "not supported; export the float model directory or an int8 weight-only one")
             linear = nn.Linear(mod.in_features, mod.out_features, bias=False)
             linear.weight = nn.Parameter(mod.dequantized_weight(), requires_grad=False)
-            Q._set_module(model, name, linear)
+            Q.set_module(model, name, linear)
         elif isinstance(mod, Q.QuantizedEmbedding):
             model.embed_tokens = nn.Embedding.from_pretrained(mod.weight, freeze=True)
     return model

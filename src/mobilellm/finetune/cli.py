@@ -16,7 +16,7 @@ from mobilellm.errors import MobileLLMError
 
 def build_data(args, cfg, model_cfg, env):
     """Tokenize, mask and pack the fine-tuning set (and the validation set, if any)."""
-    from mobilellm.chat import DEFAULT_CHAT_TEMPLATE
+    from mobilellm.chat_template import DEFAULT_CHAT_TEMPLATE
     from mobilellm.checkpoint import has_tokenizer
     from mobilellm.finetune import data as sft
     from mobilellm.tokenizer import load_tokenizer

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilellm.chat import apply_chat_template, special_text
+from mobilellm.chat_template import apply_chat_template, special_text
 from mobilellm.errors import MobileLLMError
 from mobilellm.train.loss import IGNORE_INDEX
 

@@ -41,7 +41,7 @@ class CausalLMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.compute_dtype = compute_dtype
 
-        self.distiller = None  # set for knowledge distillation (finetune/distill.py)
+        self.distiller = None  # set for knowledge distillation (train/distill.py)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, row_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,7 +266,7 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
         model.residual_dtype = torch.bfloat16
     loss_module = CausalLMLoss(model, cfg.run.loss_chunk_tokens, compute_dtype)
     if cfg.distill.teacher:
-        from mobilellm.finetune.distill import Distiller
+        from mobilellm.train.distill import Distiller
 
         loss_module.distiller = Distiller.from_dir(cfg.distill.teacher, model_cfg.vocab_size, env.device,
                                                    alpha=cfg.distill.alpha, temperature=cfg.distill.temperature,

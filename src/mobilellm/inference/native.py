@@ -1,12 +1,12 @@
-"""The engine's native CPU backend: native_kernels.c, compiled on first use and called through ctypes.
+"""The native CPU backend: native_kernels.c, compiled on first use and called through ctypes.
 
 One C call runs the whole network for a set of tokens (a prefill chunk or a batched decode step),
 so a decoded token costs one Python call instead of a few hundred framework ops; on a small model at
 batch 1 that overhead is as large as the matrix products. The library is built once per machine with
 the system C compiler (`$CC`, else `cc`; GCC or Clang with OpenMP) for the CPU it runs on
 (-march=native) and cached under `$MOBILELLM_CACHE_DIR/native` (default `~/.cache/mobilellm/native`),
-keyed by the source, the flags and the CPU. Without a compiler, `Engine(backend="auto")` falls back
-to the PyTorch backend; `MOBILELLM_NATIVE=0` forces that.
+keyed by the source, the flags and the CPU. Without a compiler, backend "auto" falls back to the
+PyTorch backend; `MOBILELLM_NATIVE=0` forces that.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from mobilellm.errors import MobileLLMError
+from mobilellm.inference.backend import Backend
+from mobilellm.inference.layout import Matrix as LayoutMatrix
+from mobilellm.inference.layout import block_weights, embedding_table, output_matrix
 from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
-from mobilellm.quantize import quantize_weight
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 WEIGHT_TYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
@@ -51,7 +53,7 @@ class Block(ctypes.Structure):
 
 class Net(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in
-                ("dim", "n_heads", "n_kv", "head_dim", "ffn", "vocab", "n_layers", "max_batch", "max_len", "swiglu")]
+                ("dim", "n_heads", "n_kv", "head_dim", "ffn", "vocab", "n_logical", "max_batch", "max_len", "swiglu")]
     _fields_ += [("eps", ctypes.c_float), ("schedule", ctypes.c_void_p), ("blocks", ctypes.c_void_p),
                  ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("head", Matrix),
                  ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p),
@@ -162,82 +164,79 @@ def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-class NativeNet:
-    """model.MobileLLM's weights in the decode precision, laid out for native_kernels.c.
+class NativeBackend(Backend):
+    """model.MobileLLM's weights in the inference layout (layout.py), laid out for native_kernels.c.
 
-    The same fused block weights as generate.InferenceModel (generate.fused_block_weights), as fp32,
-    fp16, bf16 or int8 with one symmetric scale per output row (quantize.quantize_weight, as
-    `mobilellm quantize` uses it). The embedding table stays fp32 (one row is read per token); the
-    tied output matrix is that same table in fp32 mode and its own converted copy otherwise.
+    Matrices as fp32, fp16, bf16 or int8 with one scale per output row (layout.Matrix.converted).
+    The embedding table stays fp32 (one row is read per token); the tied output matrix is that same
+    table in fp32 mode and its own converted copy otherwise.
     """
 
-    def __init__(self, model: MobileLLM, weights: str, cache: KVCache, consume: bool = False):
-        from mobilellm.generate import fused_block_weights
+    name = "native"
 
-        if weights not in WEIGHT_TYPES:
-            raise MobileLLMError(f"unknown weight mode {weights!r}; choose from {', '.join(WEIGHT_TYPES)}")
-        if cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
-            raise MobileLLMError("the native backend needs a contiguous fp32 KV cache")
+    def __init__(self, model: MobileLLM, precision: str, max_batch: int, max_len: int, consume: bool = False):
+        super().__init__(model.config, precision, max_batch, max_len)
         self.lib = library()
-        cfg = model.config
-        self.config, self.weights, self.cache = cfg, weights, cache
+        cfg = self.config
+        self.cache = KVCache(cfg, max_batch, max_len, device="cpu")  # fp32, contiguous
         self._keep: list[torch.Tensor] = []  # every tensor the C struct points into
-        self.nbytes = 0
-        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
         blocks = (Block * len(model.layers))()
         with torch.no_grad():
             for i, block in enumerate(model.layers):
+                w = block_weights(block, cfg, consume)
                 b = blocks[i]
-                b.ln1 = self._hold(block.input_layernorm.weight)
-                b.ln2 = self._hold(block.post_attention_layernorm.weight)
-                b.qkv, b.o, b.up, b.down = self._matrices(fused_block_weights(block, cfg, consume))
-            (embed,) = _packed([model.embed_tokens.weight.detach().float()])
-            if cfg.tie_embeddings and weights == "fp32":  # the output matrix is the embedding table
+                b.ln1, b.ln2 = self._hold(w.ln1), self._hold(w.ln2)
+                b.qkv, b.o, b.up, b.down = self._matrices([w.qkv, w.o, w.up, w.down])
+            (embed,) = _packed([embedding_table(model)])
+            if cfg.tie_embeddings and precision == "fp32":  # the output matrix is the embedding table
                 head = Matrix(_ptr(embed), None, WEIGHT_TYPES["fp32"], *embed.shape)
             else:
-                (head,) = self._matrices([model.output_weight])
+                (head,) = self._matrices([output_matrix(model)])
             if consume:
-                model.embed_tokens.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+                model.embed_tokens = torch.nn.Identity()
             self.nbytes += embed.numel() * 4
-        cos, sin = rope_cos_sin(torch.arange(cache.max_len), hd, cfg.rope_theta)
-        half = hd // 2
-        rope_cos, rope_sin = cos[:, :half].float().contiguous(), sin[:, :half].float().contiguous()
+        hd = cfg.attn_head_dim
+        cos, sin = rope_cos_sin(torch.arange(max_len), hd, cfg.rope_theta)
+        rope_cos, rope_sin = cos[:, :hd // 2].float().contiguous(), sin[:, :hd // 2].float().contiguous()
         schedule = torch.tensor(list(model.schedule), dtype=torch.int32)
         self._keep += [embed, rope_cos, rope_sin, schedule]
         self._blocks = blocks
-        self.net = Net(cfg.dim, H, KV, hd, cfg.ffn_dim, cfg.vocab_size, len(schedule), cache.k.shape[1],
-                       cache.max_len, int(cfg.ffn_type == "swiglu"), cfg.norm_eps, _ptr(schedule),
+        k, v = self.cache.k, self.cache.v
+        self.net = Net(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.ffn_dim, cfg.vocab_size, len(schedule),
+                       max_batch, max_len, int(cfg.ffn_type == "swiglu"), cfg.norm_eps, _ptr(schedule),
                        ctypes.addressof(blocks), _ptr(embed), self._hold(model.norm.weight), head,
-                       _ptr(rope_cos), _ptr(rope_sin), _ptr(cache.k), _ptr(cache.v))
+                       _ptr(rope_cos), _ptr(rope_sin), _ptr(k), _ptr(v))
         self._net_ref = ctypes.byref(self.net)
 
     def _hold(self, t: torch.Tensor) -> int:
-        # a copy: a view of the model's tensor would keep the whole loaded weights file mapped
+        # a copy: a view of the model's tensor would keep the loaded weights alive
         t = t.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         self._keep.append(t)
         self.nbytes += t.numel() * 4
         return _ptr(t)
 
-    def _matrices(self, weights: list[torch.Tensor]) -> list[Matrix]:
+    def _matrices(self, matrices: list[LayoutMatrix]) -> list[Matrix]:
         """Weight matrices converted to the decode precision and packed together (see _packed)."""
-        converted, scales = [], []
-        for weight in weights:
-            w = weight.detach().float()
-            if self.weights == "int8":
-                w, scale = quantize_weight(w, bits=8, group_size=None)  # scale (out, 1): one per output row
-                scale = scale.view(-1)
-                scales.append(scale)
-                self.nbytes += scale.numel() * 4
-            elif self.weights in ("fp16", "bf16"):
-                w = w.to(torch.float16 if self.weights == "fp16" else torch.bfloat16)
-            converted.append(w)
-        packed = _packed(converted)
+        converted = [m.converted(self.precision) for m in matrices]
+        scales = [scale for _, scale in converted if scale is not None]
+        packed = _packed([data for data, _ in converted])
         self._keep += packed + scales
-        self.nbytes += sum(t.numel() * t.element_size() for t in packed)
-        return [Matrix(_ptr(data), _ptr(scales[i]) if scales else None, WEIGHT_TYPES[self.weights], *data.shape)
+        self.nbytes += sum(t.numel() * t.element_size() for t in packed + scales)
+        return [Matrix(_ptr(data), _ptr(scales[i]) if scales else None, WEIGHT_TYPES[self.precision], *data.shape)
                 for i, data in enumerate(packed)]
 
-    def forward(self, tokens: list[int], rows: list[int], positions: list[int], out_index: list[int]) -> torch.Tensor:
+    def _prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+        for start in range(0, len(ids), PREFILL_CHUNK):  # causal across chunks: earlier ones are in the cache
+            chunk = ids[start:start + PREFILL_CHUNK]
+            last = start + len(chunk) == len(ids)
+            logits = self._forward(chunk, [row] * len(chunk), list(range(start, start + len(chunk))),
+                                   [len(chunk) - 1] if last else [])
+        return logits[0]
+
+    def _decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        return self._forward(tokens, rows, positions, list(range(len(rows))))
+
+    def _forward(self, tokens: list[int], rows: list[int], positions: list[int], out_index: list[int]) -> torch.Tensor:
         """Logits (len(out_index), vocab) fp32. Token i writes its keys/values at (rows[i], positions[i])
         and attends to columns 0..positions[i] of its row; tokens of one row come in position order."""
         n = len(tokens)

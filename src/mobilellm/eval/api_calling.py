@@ -1,4 +1,4 @@
-"""The on-device API-calling task of the paper (PAPER.md §4), as a synthetic dataset and metrics.
+"""The on-device API-calling task of the MobileLLM paper, as a synthetic dataset and metrics.
 
 A user asks an assistant for something an app can do; the assistant answers with one API call on
 its first line, `api_name(arg="value", ...)`, then a short reply:
@@ -200,8 +200,8 @@ def read_test(path: str | Path) -> list[dict]:
 
 def predict(model, tokenizer, rows: list[dict], max_new_tokens: int = 64, batch: int = 8) -> list[str]:
     """Greedy responses to each test conversation's last request."""
-    from mobilellm.chat import DEFAULT_CHAT_TEMPLATE, apply_chat_template, special_text
-    from mobilellm.generate import Engine, SamplingParams
+    from mobilellm.chat_template import DEFAULT_CHAT_TEMPLATE, apply_chat_template, special_text
+    from mobilellm.inference import Engine, SamplingParams
 
     template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
     kwargs = {"bos_token": special_text(tokenizer, tokenizer.bos_id), "eos_token": special_text(tokenizer, tokenizer.eos_id)}
@@ -218,19 +218,3 @@ def evaluate(model, tokenizer, path: str | Path, limit: int | None = None, max_n
     result["examples"] = [{"prompt": r["messages"][-2]["content"], "reference": r["messages"][-1]["content"],
                            "prediction": p} for r, p in zip(rows[:5], predictions[:5])]
     return result
-
-
-def run(args) -> int:
-    train_path, test_path = write_splits(args.out, args.train, args.test, args.seed)
-    print(f"wrote {args.train} training and {args.test} test conversations: {train_path}, {test_path}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("api-data", help="generate the synthetic API-calling dataset (train/test JSONL)",
-                       description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder for train.jsonl and test.jsonl")
-    p.add_argument("--train", type=int, default=5000)
-    p.add_argument("--test", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)

@@ -33,15 +33,15 @@ typedef struct {
 } Block;
 
 typedef struct {
-    int32_t dim, n_heads, n_kv, head_dim, ffn, vocab, n_layers, max_batch, max_len, swiglu;
+    int32_t dim, n_heads, n_kv, head_dim, ffn, vocab, n_logical, max_batch, max_len, swiglu;
     float eps;
-    const int32_t *schedule;        /* logical layer -> physical block (layer sharing) */
+    const int32_t *schedule;        /* n_logical entries: the physical block each logical layer runs */
     const Block *blocks;
     const float *embed;             /* (vocab, dim) */
     const float *norm;
     Matrix head;
     const float *rope_cos, *rope_sin;  /* (max_len, head_dim / 2) */
-    float *k_cache, *v_cache;       /* (n_layers, max_batch, n_kv, max_len, head_dim) */
+    float *k_cache, *v_cache;       /* (n_logical, max_batch, n_kv, max_len, head_dim) */
 } Net;
 
 #if defined(__AVX512F__)
@@ -322,7 +322,7 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
 #pragma omp for schedule(static)
         for (int t = 0; t < n; t++) memcpy(x + (size_t)t * D, net->embed + (size_t)tokens[t] * D, sizeof(float) * D);
 
-        for (int layer = 0; layer < net->n_layers; layer++) {
+        for (int layer = 0; layer < net->n_logical; layer++) {
             const Block *b = &net->blocks[net->schedule[layer]];
             const size_t slot = (size_t)layer * net->max_batch;
 #pragma omp for schedule(static)

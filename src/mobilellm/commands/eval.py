@@ -2,63 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+from mobilellm.commands.options import Deprecated
 from mobilellm.errors import MobileLLMError
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MobileLLMError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MobileLLMError("--device cuda given but no CUDA GPU is visible; use --device cpu")
-    return device
-
-
-def load_model_and_tokenizer(model_dir: str | Path, tokenizer_path: str | Path | None = None,
-                             device: str = "cpu", dtype: str = "float32"):
-    import torch
-
-    from mobilellm.checkpoint import has_tokenizer, load_model_dir
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise MobileLLMError(f"model directory {model_dir} does not exist")
-    source = Path(tokenizer_path) if tokenizer_path else model_dir
-    if tokenizer_path is None and not has_tokenizer(model_dir):
-        raise MobileLLMError(
-            f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model); pass --tokenizer <file or dir> "
-            "or save the model with its tokenizer"
-        )
-    from mobilellm.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(source)
-    if dtype not in DTYPES:
-        raise MobileLLMError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    model = load_model_dir(model_dir, device=resolve_device(device) if isinstance(device, str) else device,
-                           dtype=getattr(torch, dtype))
-    return model, tokenizer
 
 
 def run(args) -> int:
+    from mobilellm.checkpoint import load_model_and_tokenizer
     from mobilellm.eval.evaluator import evaluate, markdown_table
     from mobilellm.eval.tasks import resolve_task_names
     from mobilellm.fileio import write_json_atomic, write_text_atomic
+    from mobilellm.precision import float_dtype
+    from mobilellm.sysinfo import resolve_device
 
     names = resolve_task_names(args.tasks)  # bad names fail before the model loads
     if args.batch_size < 1:
         raise MobileLLMError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=float_dtype(args.precision),
+                                                tokenizer=args.tokenizer)
     out = evaluate(model, tokenizer, names, data_dir=args.data_dir, manifest=args.manifest,
                    batch_size=args.batch_size, limit=args.limit, stride=args.stride, seq_len=args.seq_len,
                    device=device, progress=not args.no_progress)
@@ -88,7 +53,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations dtype")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="weights and activations (default fp32); a quantized directory runs its own integers")
+    p.add_argument("--dtype", dest="precision", choices=("float32", "bfloat16", "float16"), action=Deprecated,
+                   new_flag="--precision fp32|bf16|fp16", help=argparse.SUPPRESS)
     p.add_argument("--stride", type=int, default=None,
                    help="wikitext2: sliding windows every N tokens (default: non-overlapping windows)")
     p.add_argument("--seq-len", type=int, default=None,

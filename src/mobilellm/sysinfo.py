@@ -1,0 +1,83 @@
+"""What this machine has and what this process uses: memory, the CPU or GPU name."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from pathlib import Path
+
+from mobilellm.errors import MobileLLMError
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process. VmHWM restarts at exec, where ru_maxrss would carry
+    over the parent's size from fork (Linux); elsewhere ru_maxrss."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel could give this process now (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps freed pages otherwise, e.g. ~200 MiB after
+    converting a 125M model to int8)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def hardware() -> str:
+    """The GPUs, or the CPU model and core count: recorded beside every measurement."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def resolve_device(name: str):
+    """cpu, cuda, cuda:N or auto -> a torch.device that exists here."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MobileLLMError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MobileLLMError("--device cuda given but no CUDA GPU is visible; use --device cpu")
+    return device
