@@ -8,7 +8,7 @@ that transformers loads) and, for the layer-sharing overhead, as 125M-LS. Every 
 own subprocess, so peak RSS is its own: load + warm-up + timed run.
 
   transformers  LlamaForCausalLM.generate, greedy, fp32 (the baseline for "x HF")
-  ours          mobilellm.generate.Engine: fp32 / bf16 / fp16 / int8, native backend ("ours fp32") and the
+  ours          mobilellm.inference.Engine: fp32 / bf16 / fp16 / int8, native backend ("ours fp32") and the
                 torch backend ("ours fp32 torch": oneDNN / fbgemm kernels, eager or compiled)
   llama.cpp     llama-cpp-python on GGUF files written by mobilellm.export.gguf (F32 / F16 / Q8_0);
                 runs when a Python with `llama_cpp` and the exporter is found (--llama-python, or the
@@ -61,12 +61,17 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 def work_ours(a) -> dict:
     import torch
 
-    from mobilellm.inference import SamplingParams, load_engine
+    try:
+        from mobilellm.inference import SamplingParams, load_engine
+        precision = {"precision": a.weights}
+    except ImportError:  # --baseline-src: a version of the project from before the inference package
+        from mobilellm.generate import SamplingParams, load_engine
+        precision = {"weights": a.weights}
 
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
-    eng = load_engine(a.model_dir, precision=a.weights, compile=a.compile, threads=a.threads,
-                      max_len=a.prompt_tokens + a.new_tokens, need_tokenizer=False, backend=a.backend)
+    eng = load_engine(a.model_dir, compile=a.compile, threads=a.threads, max_len=a.prompt_tokens + a.new_tokens,
+                      need_tokenizer=False, backend=a.backend, **precision)
     load_s = time.perf_counter() - t
     prompt = prompt_ids(a.prompt_tokens, eng.config.vocab_size)
     t = time.perf_counter()
@@ -162,8 +167,10 @@ def worker_main(a) -> None:
 # ---- driver -----------------------------------------------------------------------------------------
 
 
-def spawn(python: str, worker: str, args: list[str], threads: int, timeout: float) -> dict:
+def spawn(python: str, worker: str, args: list[str], threads: int, timeout: float, src: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    if src:  # another checkout's package, for before/after rows
+        env["PYTHONPATH"] = src
     cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--threads", str(threads), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
@@ -214,6 +221,9 @@ def main() -> None:
     p.add_argument("--skip-torch-backend", action="store_true", help="only the native backend's rows for ours")
     p.add_argument("--only", default=None, help="comma-separated row names to run")
     p.add_argument("--llama-python", default=None, help="a Python with llama_cpp and mobilellm installed")
+    p.add_argument("--baseline-src", default=None,
+                   help="the src/ folder of another version of this project: each row of ours also runs on it "
+                        "(same run, interleaved), named '... (baseline)'")
     p.add_argument("--json-out", default=None)
     p.add_argument("--timeout", type=float, default=1800)
     # worker-only arguments
@@ -260,6 +270,8 @@ def main() -> None:
     if a.only:
         wanted = {s.strip() for s in a.only.split(",")}
         rows = [r for r in rows if r[0] in wanted]
+    if a.baseline_src:
+        rows = [row for r in rows for row in ([r, (f"{r[0]} (baseline)", *r[1:])] if r[1] == "ours" else [r])]
 
     results: dict[str, list[dict]] = {}
     for name, engine, precision, py, wargs in rows:
@@ -274,7 +286,8 @@ def main() -> None:
         for name, engine, precision, py, wargs in rows:
             if results.get(name) and "error" in results[name][0]:
                 continue
-            res = spawn(py, engine, wargs + common, a.threads, a.timeout)
+            src = a.baseline_src if name.endswith("(baseline)") else None
+            res = spawn(py, engine, wargs + common, a.threads, a.timeout, src)
             results.setdefault(name, []).append(res)
             print(f"{name} run {r + 1}: " + (res.get("error") or f"{res['decode_tok_s']:.1f} tok/s, "
                   f"peak RSS {res['peak_rss_mib']:.0f} MiB"), file=sys.stderr, flush=True)
@@ -299,7 +312,10 @@ def main() -> None:
         med = statistics.median(tps)
         vs_hf = f"{med / hf:.2f}x" if hf else "-"
         vs_llama = "-"
-        if engine == "ours" and precision in MATCHING_GGUF:
+        if name.endswith("(baseline)"):
+            now = median(name.removesuffix(" (baseline)"))
+            vs_llama = f"after/before {now / med:.3f}" if now else "-"
+        elif engine == "ours" and precision in MATCHING_GGUF:
             ref = median(f"llama.cpp {MATCHING_GGUF[precision].upper()}")
             vs_llama = f"{med / ref:.2f}x" if ref else "not run"
         print(f"| {name} | {med:.1f} [{min(tps):.1f}-{max(tps):.1f}] | {vs_hf} | {vs_llama} | "

@@ -45,7 +45,7 @@ def build(name: str, spec: dict, out: Path, tokenizer_dir: Path | None) -> Path:
 
 
 def export_all(directory: Path, runtimes: list[str], max_len: int, gguf_quant: str) -> dict[str, Path]:
-    from mobilellm.export.cli import export
+    from mobilellm.export import export
 
     artifacts = {"pytorch": directory}
     for fmt in ("pte", "gguf", "onnx"):
@@ -55,7 +55,7 @@ def export_all(directory: Path, runtimes: list[str], max_len: int, gguf_quant: s
         if not path.exists():
             started = time.perf_counter()
             quant = gguf_quant if fmt == "gguf" else None
-            export(directory, fmt, path, quant=quant, max_len=max_len if fmt == "pte" else None)
+            export(directory, fmt, path, precision=quant, max_len=max_len if fmt == "pte" else None)
             print(f"  exported {path.name} in {time.perf_counter() - started:.0f} s", flush=True)
         artifacts[fmt] = path
     return artifacts

@@ -110,9 +110,9 @@ def test_export_cli_w8a8_dir_to_pte_and_bad_combinations(tmp_path):
     assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
     save_model_dir(quantize_model(copy.deepcopy(model), "int8"), tmp_path / "wo")
     for args, needle in [
-        ((tmp_path / "f", "--quant", "q4_0"), "not available for pte"),
+        ((tmp_path / "f", "--precision", "q4_0"), "not available for pte"),
         ((tmp_path / "wo",), "no XNNPACK kernel"),
-        ((tmp_path / "q", "--quant", "8da4w"), "already quantized"),
+        ((tmp_path / "q", "--precision", "8da4w"), "already quantized"),
         ((tmp_path / "f", "--max-len", "100000"), "exceeds the model's context"),
     ]:
         proc = run_cli("export", *args, "--format", "pte", "--output", tmp_path / "bad.pte")

@@ -142,7 +142,7 @@ def test_gguf_bad_inputs_fail_cleanly(tmp_path, bpe_tokenizer):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert not (tmp_path / "ws.gguf").exists() and not (tmp_path / "x.gguf").exists()
-    proc = run_cli("export", tmp_path / "notok", "--format", "gguf", "--quant", "8da4w", "--output", tmp_path / "y.gguf")
+    proc = run_cli("export", tmp_path / "notok", "--format", "gguf", "--precision", "8da4w", "--output", tmp_path / "y.gguf")
     assert proc.returncode != 0 and "not available for gguf" in proc.stderr and not (tmp_path / "y.gguf").exists()
 
 

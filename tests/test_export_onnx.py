@@ -77,7 +77,7 @@ def test_onnx_cli_and_bad_inputs(tmp_path):
     proc = run_cli("export", tmp_path / "f", "--format", "onnx", "--output", tmp_path / "m.onnx", check=True)
     assert "onnx" in proc.stdout and (tmp_path / "m.onnx").exists()
     for args, needle in [
-        ((tmp_path / "f", "--quant", "q8_0"), "not available for onnx"),
+        ((tmp_path / "f", "--precision", "q8_0"), "not available for onnx"),
         ((tmp_path / "q",), "dynamic int8 activations"),
         ((tmp_path / "nope",), "does not exist"),
     ]:

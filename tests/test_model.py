@@ -26,7 +26,7 @@ def test_layer_shared_preset_has_base_params_and_double_depth(base):
     cfg, ls = get_preset(base), get_preset(base + "-ls")
     assert ls.num_params() == cfg.num_params()
     assert ls.n_logical_layers == 2 * cfg.n_layers
-    assert ls.schedule[:4] == [0, 0, 1, 1]
+    assert ls.layer_to_block[:4] == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("preset", ["mobilellm-tiny", "mobilellm-tiny-ls"])
@@ -40,7 +40,7 @@ def test_built_model_matches_analytic_count(preset, changes):
 def test_schedules():
     def sched(strategy, k=2):
         return ModelConfig(n_layers=3, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=10,
-                           layer_sharing=strategy, share_repeats=k if strategy != "none" else 1).schedule
+                           layer_sharing=strategy, share_repeats=k if strategy != "none" else 1).layer_to_block
 
     assert sched("none") == [0, 1, 2]
     assert sched("immediate") == [0, 0, 1, 1, 2, 2]

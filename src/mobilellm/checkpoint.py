@@ -241,7 +241,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
 
 
 def unrolled(model: MobileLLM) -> MobileLLM:
-    """The equivalent non-shared model: logical layer i gets a copy of block schedule[i]."""
+    """The equivalent non-shared model: logical layer i gets a copy of block layer_to_block[i]."""
     cfg = model.config
     flat = cfg.replace(n_layers=cfg.n_logical_layers, layer_sharing="none", share_repeats=1,
                        source=(cfg.source + " (unrolled)").strip())
@@ -253,7 +253,7 @@ def unrolled(model: MobileLLM) -> MobileLLM:
         if key.startswith("layers."):
             continue
         state[key] = value
-    for logical, physical in enumerate(model.schedule):
+    for logical, physical in enumerate(model.layer_to_block):
         for key, value in model.layers[physical].state_dict().items():
             state[f"layers.{logical}.{key}"] = value.clone()
     out.load_state_dict(state, strict=True)

@@ -12,7 +12,7 @@ from mobilellm.errors import MobileLLMError
 
 # Modules that provide a `register(subparsers)` function, in the order `--help` lists them.
 COMMAND_MODULES = [
-    "mobilellm.info",
+    "mobilellm.commands.info",
     "mobilellm.tokenizer",
     "mobilellm.data.prepare",
     "mobilellm.train.cli",
@@ -25,8 +25,8 @@ COMMAND_MODULES = [
     "mobilellm.commands.serve",
     "mobilellm.commands.eval",
     "mobilellm.commands.quantize",
-    "mobilellm.export.cli",
-    "mobilellm.bench",
+    "mobilellm.commands.export",
+    "mobilellm.commands.bench",
 ]
 
 

@@ -1,4 +1,4 @@
-"""ModelConfig, the layer-sharing schedule and the named presets (PAPER.md §1-2).
+"""ModelConfig, the layer-sharing order (layer_to_block) and the named presets (docs/paper.md).
 
 A config describes *physical* blocks (`n_layers`, the weights that exist) and a sharing
 strategy that maps every *logical* layer (one run of a block) to a physical block.
@@ -80,10 +80,10 @@ class ModelConfig:
 
     @property
     def n_logical_layers(self) -> int:
-        return len(self.schedule)
+        return len(self.layer_to_block)
 
     @property
-    def schedule(self) -> list[int]:
+    def layer_to_block(self) -> list[int]:
         """Physical block index run at each logical layer."""
         blocks = list(range(self.n_layers))
         k = self.share_repeats

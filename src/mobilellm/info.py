@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mobilellm.config import ModelConfig, get_preset, list_presets
+from mobilellm.config import ModelConfig, get_preset
 
 
 def human(n: float) -> str:
@@ -52,18 +52,3 @@ def describe(cfg: ModelConfig, seq_len: int | None = None) -> str:
     if cfg.source:
         lines.append(f"source           {cfg.source}")
     return "\n".join(lines)
-
-
-def run(args) -> int:
-    cfg = resolve_config(args.model)
-    print(f"{args.model}")
-    print(describe(cfg, args.seq_len))
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("info", help="shape, parameters, FLOPs and memory of a preset or model directory",
-                       description=f"Presets: {', '.join(list_presets())}")
-    p.add_argument("model", help="preset name (e.g. mobilellm-125m) or model directory")
-    p.add_argument("--seq-len", type=int, default=None, help="context length for the FLOPs count (default: model's)")
-    p.set_defaults(func=run)

@@ -1,8 +1,8 @@
 """The MobileLLM network in one file, bottom-up: norm -> RoPE -> attention -> MLP -> block -> model.
 
-A pre-norm Llama decoder (PAPER.md §1) with two MobileLLM twists:
+A pre-norm Llama decoder (docs/paper.md) with two MobileLLM twists:
   * embedding sharing: logits come from the input embedding matrix (no separate output matrix);
-  * layer sharing: `config.schedule` lists which physical block runs at each *logical* layer.
+  * layer sharing: `config.layer_to_block` lists which physical block runs at each *logical* layer.
     Every logical layer is an ordinary causal self-attention with its own K/V and its own
     KV-cache slot, so a block that runs twice never attends to its own first run's keys
     (the reference code's shared-slot bug).
@@ -148,7 +148,7 @@ class MobileLLM(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Untied output matrix only for ablations; the paper shares the input embedding.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.schedule = config.schedule  # physical block index for each logical layer
+        self.layer_to_block = config.layer_to_block  # physical block index for each logical layer
         self.activation_checkpointing = False
         self.residual_dtype: torch.dtype | None = None  # e.g. bf16 in mixed-precision training: half the traffic
         self.reset_parameters()
@@ -194,7 +194,7 @@ class MobileLLM(nn.Module):
         x = self.embed_tokens(tokens)  # (B, T, dim)
         if self.residual_dtype is not None:
             x = x.to(self.residual_dtype)
-        for layer, block_idx in enumerate(self.schedule):
+        for layer, block_idx in enumerate(self.layer_to_block):
             block = self.layers[block_idx]
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, None, layer, start, mask, is_causal, use_reentrant=False)

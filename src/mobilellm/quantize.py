@@ -228,6 +228,21 @@ def _divisor_hint(width: int) -> str:
     return ", ".join(map(str, options)) if options else "none exists: use --scheme w8a8 or int8"
 
 
+def float_modules(model: MobileLLM, keep=lambda module: False) -> MobileLLM:
+    """Replace quantized modules (in place) by float ones holding their dequantized weights, the values
+    the model computes with; modules for which keep(module) is true stay. For runtimes that take floats."""
+    for name, mod in list(model.named_modules()):
+        if keep(mod):
+            continue
+        if isinstance(mod, QuantizedLinear):
+            linear = nn.Linear(mod.in_features, mod.out_features, bias=False)
+            linear.weight = nn.Parameter(mod.dequantized_weight(), requires_grad=False)
+            set_module(model, name, linear)
+        elif isinstance(mod, QuantizedEmbedding):  # lookups are exact on the dequantized table
+            set_module(model, name, nn.Embedding.from_pretrained(mod.weight, freeze=True))
+    return model
+
+
 # ---- fast CPU path ---------------------------------------------------------------------------
 
 

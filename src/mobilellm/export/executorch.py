@@ -19,56 +19,51 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilellm.errors import MobileLLMError
+from mobilellm.export import Stages
 from mobilellm.fileio import atomic_path
-from mobilellm.model import MobileLLM, apply_rope, rope_cos_sin
+from mobilellm.model import MobileLLM
 
 PTE_QUANTS = ("fp32", "w8a8", "8da4w")
 
 
+class _BufferCache:
+    """cache.update for model.Block inside the exported program: K/V buffers written at input_pos.
+
+    Attention then runs over the whole cache, masked to the positions each query may see; the keys
+    come back repeated over each GQA group, which XNNPACK lowers (the grouped form it does not).
+    """
+
+    def __init__(self, program: "ExecuTorchLM", input_pos: torch.Tensor):
+        self.program, self.input_pos = program, input_pos
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        k_cache, v_cache = getattr(self.program, f"k_cache_{layer}"), getattr(self.program, f"v_cache_{layer}")
+        k_cache.index_copy_(2, self.input_pos, k)  # (1, KV, max_len, hd)
+        v_cache.index_copy_(2, self.input_pos, v)
+        group = self.program.group
+        return k_cache.repeat_interleave(group, dim=1), v_cache.repeat_interleave(group, dim=1)  # (1, H, max_len, hd)
+
+
 class ExecuTorchLM(nn.Module):
-    """forward(tokens (1, T) int64, input_pos (T,) int64) -> logits (1, T, vocab)."""
+    """forward(tokens (1, T) int64, input_pos (T,) int64) -> logits (1, T, vocab): model.MobileLLM's own
+    blocks (a shared block is one module, called at each of its logical layers) over buffer caches."""
 
     def __init__(self, model: MobileLLM, max_len: int):
         super().__init__()
         cfg = model.config
-        self.cfg = cfg
-        self.max_len = max_len
-        self.schedule = list(model.schedule)
-        self.embed_tokens = model.embed_tokens
-        self.layers = model.layers  # physical blocks: a shared block is one module, called twice
-        self.norm = model.norm
-        self.lm_head = model.lm_head
+        self.model = model
+        self.group = cfg.n_heads // cfg.n_kv_heads
         cache_shape = (1, cfg.n_kv_heads, max_len, cfg.attn_head_dim)
-        for layer in range(len(self.schedule)):
+        for layer in range(cfg.n_logical_layers):
             self.register_buffer(f"k_cache_{layer}", torch.zeros(cache_shape), persistent=False)
             self.register_buffer(f"v_cache_{layer}", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("key_positions", torch.arange(max_len), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        T = tokens.shape[1]
-        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
-        cos, sin = rope_cos_sin(input_pos, hd, cfg.rope_theta)  # (T, hd)
         mask = self.key_positions[None, :] <= input_pos[:, None]  # (T, max_len): causal over the cache
-        x = self.embed_tokens(tokens)  # (1, T, dim)
-        for layer, block_idx in enumerate(self.schedule):
-            block = self.layers[block_idx]
-            attn = block.self_attn
-            h = block.input_layernorm(x)
-            q = attn.q_proj(h).view(1, T, H, hd).transpose(1, 2)  # (1, H, T, hd)
-            k = attn.k_proj(h).view(1, T, KV, hd).transpose(1, 2)  # (1, KV, T, hd)
-            v = attn.v_proj(h).view(1, T, KV, hd).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k_cache, v_cache = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
-            k_cache.index_copy_(2, input_pos, k)  # (1, KV, max_len, hd)
-            v_cache.index_copy_(2, input_pos, v)
-            keys = k_cache.repeat_interleave(H // KV, dim=1)  # (1, H, max_len, hd); explicit GQA for lowering
-            values = v_cache.repeat_interleave(H // KV, dim=1)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (1, H, T, hd)
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(1, T, H * hd))
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        out_w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(x), out_w)  # (1, T, vocab)
+        hidden = self.model.hidden_states(tokens, cache=_BufferCache(self, input_pos), positions=input_pos,
+                                          attn_mask=mask)
+        return F.linear(hidden, self.model.output_weight)  # (1, T, vocab)
 
 
 def _torchao_linear(qlinear) -> nn.Linear:
@@ -114,22 +109,17 @@ def prepare_for_pte(model: MobileLLM, quant: str, group_size: int = 32) -> Mobil
     check_pte_quant(model, quant)
     if not getattr(model, "quantization", None) and quant != "fp32":
         Q.quantize_model(model, quant, group_size=group_size)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, Q.QuantizedLinear):
-            if not mod.dynamic_activations:  # an int8 lm_head of a quantized embedding: keep its values
-                replacement = nn.Linear(mod.in_features, mod.out_features, bias=False)
-                replacement.weight = nn.Parameter(mod.dequantized_weight(), requires_grad=False)
-            else:
-                replacement = _torchao_linear(mod)
-            Q.set_module(model, name, replacement)
-        elif isinstance(mod, Q.QuantizedEmbedding):  # lookups are exact on the dequantized table
-            model.embed_tokens = nn.Embedding.from_pretrained(mod.weight, freeze=True)
+    for name, mod in list(model.named_modules()):  # int8-activation linears: torchao tensors XNNPACK lowers
+        if isinstance(mod, Q.QuantizedLinear) and mod.dynamic_activations:
+            Q.set_module(model, name, _torchao_linear(mod))
+    Q.float_modules(model)  # the rest (an int8 lm_head of a quantized embedding, the embedding) as floats
     return model
 
 
 def export_pte(model: MobileLLM, output: str | Path, *, quant: str = "fp32", group_size: int = 32,
-               max_len: int | None = None) -> dict:
+               max_len: int | None = None, stages: Stages | None = None) -> dict:
     """Lower to XNNPACK and write the .pte atomically; returns a summary dict."""
+    stages = stages or Stages()
     check_pte_quant(model, quant)
     max_len = max_len or model.config.max_seq_len
     if max_len < 2:
@@ -139,20 +129,28 @@ def export_pte(model: MobileLLM, output: str | Path, *, quant: str = "fp32", gro
         from executorch.exir import to_edge_transform_and_lower
     except ImportError:
         raise MobileLLMError("ExecuTorch export needs the export extra: pip install 'mobilellm[export]'") from None
+    if quant != "fp32" and not getattr(model, "quantization", None):
+        stages(f"quantize: {quant}" + (f", groups of {group_size}" if quant == "8da4w" else ""))
     model = prepare_for_pte(model, quant, group_size)
     wrapper = ExecuTorchLM(model, max_len).eval()
+    cfg = model.config
     with torch.no_grad():  # with grad on, to_executorch fails on the in-place cache writes
         for p in wrapper.parameters():
             p.requires_grad_(False)
+        stages(f"trace: torch.export of {cfg.n_logical_layers} logical layers, KV cache {max_len} tokens")
         seq = torch.export.Dim("seq", min=1, max=max_len - 1)
         example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
         ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
-        program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+        stages("lower: XNNPACK partitioning and lowering")
+        lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        stages("serialize: ExecuTorch program")
+        program = lowered.to_executorch()
     output = Path(output)
+    stages(f"write: {len(program.buffer) / 2**20:.1f} MiB")
     with atomic_path(output) as tmp:
         tmp.write_bytes(program.buffer)
     return {"format": "pte", "quant": quant, "max_len": max_len, "bytes": output.stat().st_size,
-            "logical_layers": len(wrapper.schedule), "physical_blocks": model.config.n_layers}
+            "logical_layers": cfg.n_logical_layers, "physical_blocks": cfg.n_layers}
 
 
 class PteRunner:

@@ -12,7 +12,8 @@
   * tokenizer byte-level BPE `tokenizer.json` -> `gpt2` model with tokens, merges, token types and a
               pre-tokenizer name llama.cpp knows; SentencePiece `tokenizer.model` -> `llama` model with
               scores and token types, which needs all 256 `<0xXX>` byte tokens.
-A quantized model directory is exported from its dequantized weights (the values it computes with).
+A quantized model is exported from its dequantized weights (the values it computes with; its
+quantized modules are replaced by float ones in place).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from mobilellm.errors import MobileLLMError
+from mobilellm.export import Stages
 from mobilellm.fileio import atomic_path
 from mobilellm.model import MobileLLM
 
@@ -125,20 +127,6 @@ def permute_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _float_state(model: MobileLLM) -> dict[str, torch.Tensor]:
-    """Plain float tensors with our module names; quantized modules contribute dequantized weights."""
-    from mobilellm.quantize import QuantizedEmbedding, QuantizedLinear
-
-    state = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, (QuantizedLinear, QuantizedEmbedding)):
-            weight = mod.dequantized_weight() if isinstance(mod, QuantizedLinear) else mod.weight
-            state[f"{name}.weight"] = weight
-        elif isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) or type(mod).__name__ == "RMSNorm":
-            state[f"{name}.weight"] = mod.weight
-    return {k: v.detach().float().cpu() for k, v in state.items()}
-
-
 _BLOCK_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
@@ -147,13 +135,16 @@ _BLOCK_NAMES = {
 
 
 def gguf_tensors(model: MobileLLM) -> list[tuple[str, np.ndarray]]:
-    """(gguf name, float32 array) in llama.cpp's layout; blocks unrolled over the logical schedule."""
+    """(gguf name, float32 array) in llama.cpp's layout; blocks unrolled over the logical layers."""
     cfg = model.config
     if cfg.ffn_type != "swiglu":
         raise MobileLLMError("GGUF's llama architecture needs a SwiGLU FFN; this model uses ReLU")
-    state = _float_state(model)
+    from mobilellm.quantize import float_modules
+
+    # the values a quantized model computes with (gguf re-quantizes them in its own formats)
+    state = {k: v.detach().float().cpu() for k, v in float_modules(model).state_dict().items()}
     out = [("token_embd.weight", state["embed_tokens.weight"].numpy())]
-    for logical, physical in enumerate(model.schedule):
+    for logical, physical in enumerate(model.layer_to_block):
         for ours, theirs in _BLOCK_NAMES.items():
             w = state[f"layers.{physical}.{ours}.weight"].numpy()
             if ours == "self_attn.q_proj":
@@ -186,19 +177,22 @@ def _encode_tensor(name: str, w: np.ndarray, quant: str):
 
 
 def export_gguf(model: MobileLLM, model_dir: str | Path, output: str | Path, *, quant: str = "f32",
-                name: str | None = None) -> dict:
+                name: str | None = None, stages: Stages | None = None) -> dict:
+    stages = stages or Stages()
     try:
         import gguf
     except ImportError:
         raise MobileLLMError("GGUF export needs the export extra: pip install 'mobilellm[export]'") from None
     if quant not in GGUF_QUANTS:
-        raise MobileLLMError(f"--quant {quant!r} is not available for gguf; choose from {', '.join(GGUF_QUANTS)}")
+        raise MobileLLMError(f"--precision {quant!r} is not available for gguf; choose from {', '.join(GGUF_QUANTS)}")
     cfg = model.config
     meta = tokenizer_metadata(Path(model_dir), cfg.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+    stages(f"convert: {cfg.n_logical_layers} llama blocks to {quant.upper()} tensors")
     tensors = [(n, *_encode_tensor(n, w, quant)) for n, w in gguf_tensors(model)]
     output = Path(output)
+    stages(f"write: {sum(t[1].nbytes for t in tensors) / 2**20:.1f} MiB of tensors")
     with atomic_path(output) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(name or Path(model_dir).resolve().name)

@@ -20,71 +20,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilellm.errors import MobileLLMError
+from mobilellm.export import Stages
 from mobilellm.fileio import atomic_path
-from mobilellm.model import MobileLLM, apply_rope, rope_cos_sin
+from mobilellm.model import MobileLLM
 
 ONNX_QUANTS = ("fp32",)
 PROTOBUF_LIMIT = 2 * 2**30  # a single-file ONNX model (weights inside) must stay under 2 GiB
 
 
+class _PastCache:
+    """cache.update for model.Block in the exported graph: the past K/V of each logical layer come in
+    as inputs, past + new go out as `present` outputs (and, repeated over each GQA group, to attention)."""
+
+    def __init__(self, past: list[torch.Tensor], group: int):
+        self.past, self.group, self.present = past, group, []
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        k = torch.cat([self.past[2 * layer], k], dim=2)  # (B, KV, P+T, hd)
+        v = torch.cat([self.past[2 * layer + 1], v], dim=2)
+        self.present += [k, v]
+        return k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
+
+
 class OnnxLM(nn.Module):
+    """(input_ids, past) -> (logits, *present) with model.MobileLLM's own blocks."""
+
     def __init__(self, model: MobileLLM):
         super().__init__()
-        self.cfg = model.config
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]):
-        cfg, m = self.cfg, self.model
-        B, T = input_ids.shape
-        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
-        P = past[0].shape[2]
+        cfg = self.model.config
+        T, P = input_ids.shape[1], past[0].shape[2]
         positions = torch.arange(T, device=input_ids.device) + P  # (T,)
-        cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta)
-        key_pos = torch.arange(P + T, device=input_ids.device)
-        mask = key_pos[None, :] <= positions[:, None]  # (T, P+T)
-        x = m.embed_tokens(input_ids)  # (B, T, dim)
-        present = []
-        for layer, block_idx in enumerate(m.schedule):
-            block = m.layers[block_idx]
-            attn = block.self_attn
-            h = block.input_layernorm(x)
-            q = attn.q_proj(h).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-            k = attn.k_proj(h).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-            v = attn.v_proj(h).view(B, T, KV, hd).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k = torch.cat([past[2 * layer], k], dim=2)  # (B, KV, P+T, hd)
-            v = torch.cat([past[2 * layer + 1], v], dim=2)
-            present += [k, v]
-            y = F.scaled_dot_product_attention(
-                q, k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1), attn_mask=mask
-            )  # (B, H, T, hd)
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        logits = F.linear(m.norm(x), m.output_weight)  # (B, T, vocab)
-        return (logits, *present)
+        mask = torch.arange(P + T, device=input_ids.device)[None, :] <= positions[:, None]  # (T, P+T)
+        cache = _PastCache(past, cfg.n_heads // cfg.n_kv_heads)
+        hidden = self.model.hidden_states(input_ids, cache=cache, positions=positions, attn_mask=mask)
+        return (F.linear(hidden, self.model.output_weight), *cache.present)  # logits (B, T, vocab), present
 
 
 def io_names(n_logical: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(n_logical) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_logical) for kv in ("key", "value")]
     return ["input_ids", *past], ["logits", *present]
-
-
-def _dequantized(model: MobileLLM) -> MobileLLM:
-    """Quantized modules -> float ones with the same (dequantized) weights."""
-    from mobilellm import quantize as Q
-
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, Q.QuantizedLinear):
-            if mod.dynamic_activations:
-                raise MobileLLMError(f"ONNX export of {model.quantization['scheme']} (dynamic int8 activations) is "
-                                     "not supported; export the float model directory or an int8 weight-only one")
-            linear = nn.Linear(mod.in_features, mod.out_features, bias=False)
-            linear.weight = nn.Parameter(mod.dequantized_weight(), requires_grad=False)
-            Q.set_module(model, name, linear)
-        elif isinstance(mod, Q.QuantizedEmbedding):
-            model.embed_tokens = nn.Embedding.from_pretrained(mod.weight, freeze=True)
-    return model
 
 
 def dedupe_initializers(graph) -> int:
@@ -113,17 +91,23 @@ def dedupe_initializers(graph) -> int:
     return len(rename)
 
 
-def export_onnx(model: MobileLLM, output: str | Path, *, quant: str = "fp32") -> dict:
+def export_onnx(model: MobileLLM, output: str | Path, *, quant: str = "fp32", stages: Stages | None = None) -> dict:
+    stages = stages or Stages()
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
         raise MobileLLMError("ONNX export needs the export extra: pip install 'mobilellm[export]'") from None
     if quant not in ONNX_QUANTS:
-        raise MobileLLMError(f"--quant {quant!r} is not available for onnx; choose from {', '.join(ONNX_QUANTS)} "
+        raise MobileLLMError(f"--precision {quant!r} is not available for onnx; choose from {', '.join(ONNX_QUANTS)} "
                              "(quantize with onnxruntime's tools afterwards if needed)")
     if getattr(model, "quantization", None):
-        model = _dequantized(model)
+        from mobilellm import quantize as Q
+
+        if any(isinstance(m, Q.QuantizedLinear) and m.dynamic_activations for m in model.modules()):
+            raise MobileLLMError(f"ONNX export of {model.quantization['scheme']} (dynamic int8 activations) is "
+                                 "not supported; export the float model directory or an int8 weight-only one")
+        model = Q.float_modules(model)
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
     if n_bytes >= PROTOBUF_LIMIT:
         raise MobileLLMError(f"model has {n_bytes / 2**30:.2f} GiB of float32 weights; a single-file ONNX model "
@@ -137,12 +121,14 @@ def export_onnx(model: MobileLLM, output: str | Path, *, quant: str = "fp32") ->
     inputs, outputs = io_names(cfg.n_logical_layers)
     output = Path(output)
     with atomic_path(output) as tmp, torch.no_grad():
+        stages(f"trace: torch.onnx.export of {cfg.n_logical_layers} logical layers (dynamic batch and lengths)")
         program = torch.onnx.export(wrapper, (torch.zeros(B, T, dtype=torch.long), past), dynamo=True,
                                     input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
                                     external_data=False, verbose=False)
         import onnx
 
         proto = program.model_proto
+        stages("serialize: merging shared weights, writing the model")
         dedupe_initializers(proto.graph)
         onnx.save_model(proto, str(tmp))
     return {"format": "onnx", "quant": quant, "bytes": output.stat().st_size, "logical_layers": cfg.n_logical_layers}

@@ -100,6 +100,7 @@ class BlockWeights:
     o: Matrix  # (dim, H hd)
     up: Matrix  # (2 ffn, dim) gate rows then up rows (SwiGLU) or (ffn, dim) (ReLU)
     down: Matrix  # (dim, ffn)
+    gated: bool  # SwiGLU: silu(gate) * up; else ReLU(up)
 
 
 def block_weights(block: nn.Module, cfg, consume: bool = False) -> BlockWeights:
@@ -112,7 +113,7 @@ def block_weights(block: nn.Module, cfg, consume: bool = False) -> BlockWeights:
     gated = cfg.ffn_type == "swiglu"
     up = _fused([_matrix(mlp.gate_proj), _matrix(mlp.up_proj)] if gated else [_matrix(mlp.up_proj)])
     weights = BlockWeights(block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach(),
-                           qkv, _matrix(attn.o_proj), up, _matrix(mlp.down_proj))
+                           qkv, _matrix(attn.o_proj), up, _matrix(mlp.down_proj), gated)
     if consume:
         for module in (attn, mlp):
             for name, child in list(module.named_children()):

@@ -54,7 +54,7 @@ class Block(ctypes.Structure):
 class Net(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in
                 ("dim", "n_heads", "n_kv", "head_dim", "ffn", "vocab", "n_logical", "max_batch", "max_len", "swiglu")]
-    _fields_ += [("eps", ctypes.c_float), ("schedule", ctypes.c_void_p), ("blocks", ctypes.c_void_p),
+    _fields_ += [("eps", ctypes.c_float), ("layer_to_block", ctypes.c_void_p), ("blocks", ctypes.c_void_p),
                  ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("head", Matrix),
                  ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p),
                  ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
@@ -187,6 +187,7 @@ class NativeBackend(Backend):
                 b = blocks[i]
                 b.ln1, b.ln2 = self._hold(w.ln1), self._hold(w.ln2)
                 b.qkv, b.o, b.up, b.down = self._matrices([w.qkv, w.o, w.up, w.down])
+                gated = w.gated
             (embed,) = _packed([embedding_table(model)])
             if cfg.tie_embeddings and precision == "fp32":  # the output matrix is the embedding table
                 head = Matrix(_ptr(embed), None, WEIGHT_TYPES["fp32"], *embed.shape)
@@ -198,12 +199,12 @@ class NativeBackend(Backend):
         hd = cfg.attn_head_dim
         cos, sin = rope_cos_sin(torch.arange(max_len), hd, cfg.rope_theta)
         rope_cos, rope_sin = cos[:, :hd // 2].float().contiguous(), sin[:, :hd // 2].float().contiguous()
-        schedule = torch.tensor(list(model.schedule), dtype=torch.int32)
-        self._keep += [embed, rope_cos, rope_sin, schedule]
+        layer_to_block = torch.tensor(list(model.layer_to_block), dtype=torch.int32)
+        self._keep += [embed, rope_cos, rope_sin, layer_to_block]
         self._blocks = blocks
         k, v = self.cache.k, self.cache.v
-        self.net = Net(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.ffn_dim, cfg.vocab_size, len(schedule),
-                       max_batch, max_len, int(cfg.ffn_type == "swiglu"), cfg.norm_eps, _ptr(schedule),
+        self.net = Net(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.ffn_dim, cfg.vocab_size, len(layer_to_block),
+                       max_batch, max_len, int(gated), cfg.norm_eps, _ptr(layer_to_block),
                        ctypes.addressof(blocks), _ptr(embed), self._hold(model.norm.weight), head,
                        _ptr(rope_cos), _ptr(rope_sin), _ptr(k), _ptr(v))
         self._net_ref = ctypes.byref(self.net)

@@ -35,7 +35,7 @@ typedef struct {
 typedef struct {
     int32_t dim, n_heads, n_kv, head_dim, ffn, vocab, n_logical, max_batch, max_len, swiglu;
     float eps;
-    const int32_t *schedule;        /* n_logical entries: the physical block each logical layer runs */
+    const int32_t *layer_to_block;  /* n_logical entries: the physical block each logical layer runs */
     const Block *blocks;
     const float *embed;             /* (vocab, dim) */
     const float *norm;
@@ -323,7 +323,7 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
         for (int t = 0; t < n; t++) memcpy(x + (size_t)t * D, net->embed + (size_t)tokens[t] * D, sizeof(float) * D);
 
         for (int layer = 0; layer < net->n_logical; layer++) {
-            const Block *b = &net->blocks[net->schedule[layer]];
+            const Block *b = &net->blocks[net->layer_to_block[layer]];
             const size_t slot = (size_t)layer * net->max_batch;
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * D, b->ln1, D, net->eps, xn + (size_t)t * D);

@@ -74,7 +74,7 @@ class TorchNet:
 
     def __init__(self, model, precision: str, max_len: int, consume: bool, prepack: bool):
         cfg = model.config
-        self.config, self.schedule = cfg, list(model.schedule)
+        self.config, self.layer_to_block = cfg, list(model.layer_to_block)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.n_heads, self.n_kv, self.hd, self.eps = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim, cfg.norm_eps
         self.nbytes = 0
@@ -92,6 +92,7 @@ class TorchNet:
                 self.nbytes += n1 + n2 + n3 + n4
                 self.blocks.append((b.ln1.to(self.dtype, copy=True), b.ln2.to(self.dtype, copy=True),
                                     qkv_proj, o_add, up_proj, down_add))
+                self.gated = b.gated
             self.head, _, head_bytes = _linear(output_matrix(model), precision, prepack)
         shared_head = cfg.tie_embeddings and precision in ("fp32", "bf16")  # same storage as the embedding
         norms = (2 * len(self.blocks) + 1) * cfg.dim
@@ -107,8 +108,7 @@ class TorchNet:
         H, KV, hd = self.n_heads, self.n_kv, self.hd
         rotation = self.rotation[positions].unsqueeze(-2)  # (T, 1, hd/2) or (n, T, 1, hd/2): over heads
         x = F.embedding(tokens, self.embed)  # (n, T, dim)
-        swiglu = self.config.ffn_type == "swiglu"
-        for layer, b in enumerate(self.schedule):
+        for layer, b in enumerate(self.layer_to_block):
             ln1, ln2, qkv_proj, o_add, up_proj, down_add = self.blocks[b]
             qkv = qkv_proj(_rms_norm(x, ln1, self.eps))  # (n, T, (H + 2 KV) hd)
             qk = torch.view_as_complex(qkv[..., :(H + KV) * hd].float().view(n, T, H + KV, hd // 2, 2))
@@ -120,7 +120,7 @@ class TorchNet:
                                                enable_gqa=H != KV)  # (n, H, T, hd)
             x = o_add(y.transpose(1, 2).reshape(n, T, H * hd), x)
             h = up_proj(_rms_norm(x, ln2, self.eps))  # (n, T, 2 ffn) or (n, T, ffn)
-            if swiglu:
+            if self.gated:
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up
             else:

@@ -108,7 +108,7 @@ def set_grad_sync(wrapped: nn.Module, enabled: bool):
 
 def check_shared_parameters(model: nn.Module) -> None:
     """After wrapping, shared weights must still be single tensors: the output layer reads the
-    embedding matrix, and each physical block appears once however often the schedule runs it."""
+    embedding matrix, and each physical block appears once however often the model runs it."""
     from mobilellm.errors import MobileLLMError
 
     cfg = model.config
