@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "mobilellm.tokenizer",
     "mobilellm.data.prepare",
     "mobilellm.train.cli",
+    "mobilellm.commands.convert_state",
     "mobilellm.quickstart",
     "mobilellm.study",
     "mobilellm.finetune.cli",
