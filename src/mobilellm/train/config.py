@@ -75,7 +75,8 @@ class RunSection:
     activation_checkpointing: bool = False
     fp32_residual: bool = False  # under bf16, keep the residual stream in fp32 (default: bf16, less traffic)
     loss_chunk_tokens: int = 8192  # fused linear + cross-entropy chunk (never materialises all logits)
-    distributed: str = "ddp"  # ddp | fsdp (used under torchrun)
+    distributed: str = "ddp"  # ddp | fsdp | hsdp (used under torchrun)
+    hsdp_shard_size: int | None = None  # hsdp: processes per shard group (None: the processes of one node)
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 20
@@ -119,8 +120,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.schedule.kind not in ("cosine", "wsd", "linear"):
             raise MobileLLMError(f"schedule.kind must be cosine, wsd or linear, got {self.schedule.kind!r}")
-        if self.run.distributed not in ("ddp", "fsdp"):
-            raise MobileLLMError(f"run.distributed must be 'ddp' or 'fsdp', got {self.run.distributed!r}")
+        if self.run.distributed not in ("ddp", "fsdp", "hsdp"):
+            raise MobileLLMError(f"run.distributed must be ddp, fsdp or hsdp, got {self.run.distributed!r}")
         if self.run.precision not in ("auto", "fp32", "bf16"):
             raise MobileLLMError(f"run.precision must be auto, fp32 or bf16, got {self.run.precision!r}")
         if self.run.max_steps is None and self.run.max_tokens is None and self.run.epochs is None:
@@ -160,6 +161,7 @@ class TrainConfig:
             ("run.save_every", r.save_every, at_least_0), ("run.keep_last", r.keep_last, at_least_1),
             ("run.milestone_every", r.milestone_every, at_least_0),
             ("run.max_bad_steps", r.max_bad_steps, at_least_0), ("run.peak_tflops", r.peak_tflops, positive),
+            ("run.hsdp_shard_size", r.hsdp_shard_size, positive),
             ("distill.alpha", k.alpha, unit), ("distill.temperature", k.temperature, positive),
         ]
         # `v > 0` is False for NaN, so NaN fails every test; infinity is no setting either

@@ -350,7 +350,8 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
     if cfg.run.compile if cfg.run.compile is not None else use_cuda:
         for block in model.layers:  # one compiled graph serves every (shared) block
             block.compile()
-    wrapped = wrap(loss_module, model.layers, cfg.run.distributed, env, shard_blocks=model_cfg.layer_sharing == "none")
+    wrapped = wrap(loss_module, model.layers, cfg.run.distributed, env, shard_blocks=model_cfg.layer_sharing == "none",
+                   shard_size=cfg.run.hsdp_shard_size)
     check_shared_parameters(model)
     optimizer = build_optimizer(model, cfg, peak_lr, env.device)
 
