@@ -9,6 +9,9 @@ optimizer steps on random tokens; the first steps (compilation, allocator warm-u
 defaults), flash (cuDNN attention off, so SDPA takes FlashAttention-2), cdt (Inductor's
 coordinate-descent tuning of its generated kernels), or both (flash+cdt).
 
+`--nproc 1 2 4 8 [--strategies ddp fsdp]` measures multi-GPU scaling of `mobilellm train` under
+torchrun instead (benchmarks/train_scaling.py says how).
+
 Ours: MobileLLM blocks compiled one by one, bf16 autocast with a bf16 residual stream, SDPA (flash) attention, fused linear +
 cross-entropy (no full logits tensor), fused AdamW, grad-clip 1.0 -- the code path of
 `mobilellm train`. Baseline: transformers LlamaForCausalLM with the same shape and tied
@@ -26,6 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import train_scaling  # noqa: E402 (beside this file)
 
 
 def worker(args) -> dict:
@@ -145,7 +150,11 @@ def main() -> None:
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
+    train_scaling.add_arguments(p)
     args = p.parse_args()
+    if args.nproc:
+        train_scaling.run_scaling(args)
+        return
     if args.worker:
         args.ac = bool(int(os.environ.get("BENCH_AC", "0")))
         print("RESULT " + json.dumps(worker(args)), flush=True)

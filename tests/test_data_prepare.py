@@ -275,7 +275,7 @@ def test_skipped_and_repaired_documents_are_counted(tmp_path, tok, tok_dir, caps
     m = prepare([str(i) for i in inputs], tok_dir, tmp_path / "out", val_fraction=0, progress=False,
                 log=lines.append)
     assert m["skipped"] == {"empty_document": 1, "invalid_json": 1, "missing_field": 2, "empty_file": 1,
-                            "binary_file": 1}
+                            "binary_file": 1, "damaged_file": 0}
     assert m["utf8_replaced"] == 3
     assert m["sources"][0]["skipped"]["missing_field"] == 2 and m["sources"][3]["utf8_replaced"] == 1
     texts = texts_of(tmp_path / "out", tok, "train")
@@ -293,7 +293,8 @@ def test_skipped_and_repaired_documents_are_counted(tmp_path, tok, tok_dir, caps
     ("data.jsonl", lambda p: write_jsonl(p, [{"content": "x"}, {"content": "y"}]),
      r"no record in .* has a string 'text' field \(fields: content\); pass the right one with --text-field"),
     ("t.parquet", lambda p: pq.write_table(pa.table({"body": ["x"]}), p), r"has no column 'text' \(columns: body\)"),
-    ("broken.jsonl.zst", lambda p: p.write_bytes(b"\x28\xb5\x2f\xfd garbage garbage"), "cannot decompress"),
+    ("broken.jsonl.zst", lambda p: p.write_bytes(b"\x28\xb5\x2f\xfd garbage garbage"),
+     r"broken.jsonl.zst is corrupt: decoding failed by byte 20 \(.*\); 0 documents were read before it"),
     ("empty.jsonl", lambda p: p.write_bytes(b""), "no documents to write"),
 ])
 def test_fatal_input_errors(tmp_path, tok_dir, name, setup, message):
@@ -313,11 +314,66 @@ def test_failure_keeps_previous_output(tmp_path, docs, tok_dir):
     broken = tmp_path / "b.jsonl.gz"
     broken.write_bytes(gzip.compress(good.read_bytes())[:-40])  # truncated mid-way: fails after some shards
     threads = threading.active_count()
-    with pytest.raises(MobileLLMError, match="corrupt or truncated"):
+    with pytest.raises(MobileLLMError, match="b.jsonl.gz is truncated"):
         run([good, broken], tok_dir, out, shard_tokens=500)
     assert threading.active_count() == threads  # the reader and encoder threads are gone
     assert (shard_bytes(out), (out / "manifest.json").read_text()) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _damaged_corpus(path, docs, compress, keep: float = 0.4) -> tuple[int, int]:
+    """A compressed JSONL corpus cut to `keep` of its size: (documents in the whole corpus, bytes kept)."""
+    words = " ".join(docs).split()
+    rng = np.random.default_rng(0)  # text that does not repeat: several zstd blocks (128 KiB each) to cut between
+    records = [{"text": " ".join(rng.choice(words, 80))} for _ in range(800)]
+    blob = compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    cut = int(len(blob) * keep)
+    path.write_bytes(blob[:cut])
+    return len(records), cut
+
+
+@pytest.mark.parametrize("suffix, compress", [(".jsonl.zst", zstandard.ZstdCompressor().compress),
+                                              (".jsonl.gz", gzip.compress)])
+def test_truncated_compressed_input_fails_naming_file_and_offset(tmp_path, docs, tok_dir, suffix, compress, capsys):
+    path = tmp_path / f"corpus{suffix}"
+    total, cut = _damaged_corpus(path, docs, compress)
+    expected = f"{path} is truncated: its {'zstd' if 'zst' in suffix else 'gzip'} stream stops at byte {cut:,}"
+    with pytest.raises(MobileLLMError, match="--allow-truncated to keep what was read") as err:
+        run([path], tok_dir, tmp_path / "out")
+    assert str(err.value).startswith(expected), err.value
+    assert not (tmp_path / "out").exists()
+    assert main(["tokenizer", "train", "--input", str(path), "--vocab-size", "300", "--output",
+                 str(tmp_path / "tok"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+    assert not (tmp_path / "tok").exists()
+
+    # opted in: what was read is kept, and said loudly (a warning, and a count in the summary and manifest)
+    lines = []
+    m = run([path], tok_dir, tmp_path / "out", allow_truncated=True, log=lines.append)
+    kept = m["sources"][0]["documents_read"]
+    assert m["skipped"]["damaged_file"] == 1 and 0 < kept < total
+    assert "truncated or corrupt compressed files (only the documents before the damage kept) 1" in "\n".join(lines)
+    assert f"kept the {kept:,} documents read before it (--allow-truncated); the rest of the file is LOST" in (
+        capsys.readouterr().err)
+    assert main(["tokenizer", "train", "--input", str(path), "--vocab-size", "300", "--output",
+                 str(tmp_path / "tok"), "--quiet", "--allow-truncated"]) == 0
+    assert "damaged_file 1" in capsys.readouterr().out
+
+
+def test_corrupt_and_multi_frame_zstd(tmp_path, docs, tok_dir):
+    records = [{"text": d} for d in docs]
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    half = len(data) // 2
+    frames = tmp_path / "frames.jsonl.zst"  # what pzstd and `cat a.zst b.zst > c.zst` write: every frame is read
+    frames.write_bytes(zstandard.ZstdCompressor().compress(data[:half]) + zstandard.ZstdCompressor().compress(data[half:]))
+    assert len(list(read_documents(frames))) == len(records)
+    blob = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(data * 20))
+    blob[len(blob) // 2:len(blob) // 2 + 8] = b"\xff" * 8
+    broken = tmp_path / "broken.jsonl.zst"
+    broken.write_bytes(bytes(blob))
+    with pytest.raises(MobileLLMError, match=r"broken.jsonl.zst is corrupt: decoding failed by byte [\d,]+ \("):
+        run([broken], tok_dir, tmp_path / "out")
 
 
 def test_output_and_option_checks(tmp_path, docs, tok_dir):

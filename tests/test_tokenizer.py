@@ -209,3 +209,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["tokenizer", "train", "--input", "builtin:pydoc", "--vocab-size", "100", "--output",
                  str(tmp_path / "t")]) == 1
     assert "use at least 262" in capsys.readouterr().err
+
+
+def test_cli_train_refuses_to_replace_a_models_or_datasets_tokenizer(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(builtin_documents("pydoc")[:3]), encoding="utf-8")
+    train = ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--quiet", "--output"]
+    for marker, what in (("config.json", "a model directory"), ("manifest.json", "prepared data")):
+        folder = tmp_path / marker.split(".")[0]
+        folder.mkdir()
+        (folder / marker).write_text("{}")
+        (folder / "tokenizer.json").write_text("the original")
+        assert main(train + [str(folder)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: output {folder} is {what} ({marker})") and err.count("\n") == 1, err
+        assert (folder / "tokenizer.json").read_text() == "the original"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main(train + [str(tmp_path / "notes")]) == 1
+    assert "holds other files (todo.txt)" in capsys.readouterr().err
+    assert main(train + [str(tmp_path / "tok")]) == 0  # a new folder, then over its own earlier output
+    assert main(train + [str(tmp_path / "tok")]) == 0

@@ -28,21 +28,24 @@ from mobilellm.errors import MobileLLMError
 from mobilellm.fileio import atomic_dir, write_json_atomic
 from mobilellm.model import MobileLLM
 from mobilellm import quantize as Q
+from mobilellm.tokenizer import TOKENIZER_FILES
 
 CONFIG_KEY = "mobilellm"  # our full ModelConfig inside config.json
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 # ---- config.json <-> ModelConfig ---------------------------------------------------------
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MobileLLMError(f"{path} not found: not a model directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MobileLLMError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise MobileLLMError(f"{path} holds a JSON {type(data).__name__}, not an object: not a model's config")
+    return data
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -302,7 +305,7 @@ def _write_tokenizer(tokenizer, directory: Path) -> None:
         return
     if isinstance(tokenizer, (str, Path)):
         src = Path(tokenizer)
-        for name in TOKENIZER_FILES + ("chat_template.jinja",):
+        for name in TOKENIZER_FILES:
             if (src / name).exists():
                 (directory / name).write_bytes((src / name).read_bytes())
         return

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "mobilellm.tokenizer",
     "mobilellm.data.prepare",
     "mobilellm.train.cli",
+    "mobilellm.commands.convert_state",
     "mobilellm.quickstart",
     "mobilellm.study",
     "mobilellm.finetune.cli",
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # what no command caught: still one line (a full disk, a permission, a lost mount)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -499,12 +499,37 @@ def train_tokenizer(
 # ======================================================================================
 # CLI: mobilellm tokenizer train | encode
 # ======================================================================================
+# what `tokenizer train` writes (and a model directory carries besides its weights)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+def check_tokenizer_output(output: Path) -> None:
+    """A new tokenizer goes into a new or empty directory, or over an earlier tokenizer; never into a
+    model directory or prepared data, whose weights or tokens were made with the tokenizer there."""
+    if output.exists() and not output.is_dir():
+        raise MobileLLMError(f"output {output} is a file; pass a directory for the tokenizer")
+    if not output.is_dir():
+        return
+    for marker, what in (("config.json", "a model directory"), ("manifest.json", "prepared data")):
+        if (output / marker).is_file():
+            raise MobileLLMError(f"output {output} is {what} ({marker}); its tokenizer must stay the one it was made "
+                                 f"with, so it is not replaced: choose a new directory")
+    others = sorted(p.name for p in output.iterdir() if p.name not in TOKENIZER_FILES and not p.name.startswith("."))
+    if others:
+        raise MobileLLMError(f"output {output} holds other files ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); refusing to write a tokenizer among them: "
+                             f"choose a new or empty directory")
+
+
 def _run_train(args) -> int:
     from mobilellm.data.readers import iter_input_documents
 
+    check_tokenizer_output(Path(args.output))
     roles = [r for r in args.roles.split(",") if r] if args.roles else []
     counts: dict[str, int] = {}
-    texts = iter_input_documents(args.input, text_field=args.text_field, stats=counts, max_documents=args.max_documents)
+    texts = iter_input_documents(args.input, text_field=args.text_field, stats=counts, max_documents=args.max_documents,
+                                 allow_truncated=args.allow_truncated)
     tok = train_tokenizer(texts, args.vocab_size, bos=args.bos or None, eos=args.eos or None, pad=args.pad or None,
                           roles=roles, add_bos=not args.no_add_bos, min_frequency=args.min_frequency,
                           show_progress=not args.quiet)
@@ -548,6 +573,9 @@ def register(sub) -> None:
     t.add_argument("--roles", default=",".join(DEFAULT_ROLES),
                    help="comma-separated chat roles, each gets a <|role|> token (default: system,user,assistant)")
     t.add_argument("--no-add-bos", action="store_true", help="do not start documents with BOS")
+    t.add_argument("--allow-truncated", action="store_true",
+                   help="keep the documents read before the point where a .gz/.zst input is truncated or corrupt "
+                        "(default: that is an error)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_run_train)
 

@@ -90,7 +90,7 @@ class _Chunk:
 
 
 def _chunks(sources: list[Source], text_field: str, txt_mode: str, val_fraction: float, seed: int,
-            counts: list[Counter]) -> Iterator[_Chunk]:
+            counts: list[Counter], allow_truncated: bool = False) -> Iterator[_Chunk]:
     key = f"mobilellm-prepare:{seed}".encode()
     for index, source in enumerate(sources):
         for p in range(math.ceil(source.weight)):
@@ -100,7 +100,8 @@ def _chunks(sources: list[Source], text_field: str, txt_mode: str, val_fraction:
             stats = counts[index] if p == 0 else Counter()
             chunk, size = _Chunk(index, [], []), 0
             warn = readers.warn_stderr if p == 0 else _quiet  # warn about a file once, not once per pass
-            for text in readers.read_spec(source.spec, text_field, stats, txt_mode, warn=warn):
+            for text in readers.read_spec(source.spec, text_field, stats, txt_mode, warn=warn,
+                                          allow_truncated=allow_truncated):
                 data = text.encode("utf-8") if keep < 1.0 or val_fraction > 0 else b""
                 if keep < 1.0 and _unit(data, key, purpose) >= keep:
                     continue
@@ -315,8 +316,12 @@ def prepare(
     txt_mode: str = "file",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    allow_truncated: bool = False,
 ) -> dict:
     """Tokenize `inputs` (specs as for `parse_source`) into `output`; returns the manifest.
+
+    A truncated or corrupt compressed input is an error; `allow_truncated` keeps the documents read
+    before the damage instead (warned about, and counted in the manifest's skips as damaged_file).
 
     `workers`: tokenizer threads (None or 0: one per core). sentencepiece honours it exactly;
     `tokenizers` uses one thread for workers=1, else its process-wide pool (see `configure_threads`).
@@ -351,7 +356,7 @@ def prepare(
         bar = tqdm(unit="doc", disable=None if progress else True, desc="prepare", smoothing=0.1)
         total_tokens = 0
         try:
-            chunks = _chunks(sources, text_field, txt_mode, val_fraction, seed, counts)
+            chunks = _chunks(sources, text_field, txt_mode, val_fraction, seed, counts, allow_truncated)
             for chunk, tokens, lengths in _encode_all(chunks, tok, dtype, workers):
                 is_val = np.asarray(chunk.is_val, dtype=bool)
                 token_is_val = np.repeat(is_val, lengths)
@@ -448,7 +453,7 @@ def _run(args) -> int:
     configure_threads(args.workers or default_workers())
     prepare(args.input, args.tokenizer, args.output, text_field=args.text_field, val_fraction=args.val_fraction,
             seed=args.seed, workers=args.workers, shard_tokens=args.shard_tokens, txt_mode=args.txt_mode,
-            progress=not args.quiet)
+            progress=not args.quiet, allow_truncated=args.allow_truncated)
     return 0
 
 
@@ -470,5 +475,8 @@ def register(sub) -> None:
                    help=f"tokens per shard file (default: {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--txt-mode", choices=readers.TXT_MODES, default="file",
                    help="a .txt/.md file is one document (file), one per line, or one per blank-line paragraph")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help="keep the documents read before the point where a .gz/.zst input is truncated or corrupt "
+                        "(default: that is an error)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

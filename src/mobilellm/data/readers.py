@@ -5,7 +5,9 @@ one object, or JSON lines), `.parquet`; text formats may be `.gz` or `.zst` comp
 
 Problems with single documents or files are counted in a `Counter` and reading goes on; the caller
 reports the counts. What the user must fix (a missing path, an unsupported or corrupt file, a parquet
-file without the text column) raises MobileLLMError.
+file without the text column) raises MobileLLMError. A compressed file that is truncated or corrupt
+is such an error, naming the byte offset where its stream breaks; with `allow_truncated` the
+documents read before that point are kept, with a warning and a count ("damaged_file").
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SKIP_REASONS = {
     "missing_field": "JSON records / parquet rows without a string text field",
     "empty_file": "empty files",
     "binary_file": "files that look binary (NUL bytes)",
+    "damaged_file": "truncated or corrupt compressed files (only the documents before the damage kept)",
 }
 UTF8_REPLACED = "utf8_replaced"  # documents whose invalid UTF-8 was replaced with U+FFFD (kept)
 
@@ -104,18 +107,54 @@ def _walk(root: Path) -> Iterator[Path]:
             yield child
 
 
-def _open_binary(path: Path, compression: str | None) -> BinaryIO:
+def _open_binary(raw: BinaryIO, compression: str | None) -> BinaryIO:
+    """The decompressed bytes of the open file `raw` (its position says how far the decoder has read)."""
     if compression == "gzip":
-        return gzip.open(path, "rb")
-    fh = open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # several members in turn; EOFError when cut short
     if compression == "zstd":
+        return io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
+    return raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's frames one after the other (pzstd and `cat a.zst b.zst` make several), raising
+    EOFError when the file ends inside a frame: zstandard's stream reader stops quietly there."""
+
+    def __init__(self, raw: BinaryIO):
         import zstandard
 
-        # Frames made with a long window (zstd --long=28 and up) exceed the decoder's default 128 MiB
-        # limit; allow up to 2 GiB, zstd's maximum.
-        reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(fh, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
-    return fh
+        self._raw, self._zstd = raw, zstandard
+        self._frame = None  # the decoder of the frame being read, None between frames
+        self._out, self._used = b"", 0  # decoded bytes not yet handed out
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._used == len(self._out):
+            data = self._raw.read(1 << 14)  # small reads: a corrupt spot is located to within 16 KiB
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._out, self._used = self._decode(data), 0
+        n = min(len(buffer), len(self._out) - self._used)
+        buffer[:n] = self._out[self._used:self._used + n]
+        self._used += n
+        return n
+
+    def _decode(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            if self._frame is None:
+                # Frames made with a long window (zstd --long=28 and up) exceed the decoder's default
+                # 128 MiB limit; allow up to 2 GiB, zstd's maximum.
+                self._frame = self._zstd.ZstdDecompressor(max_window_size=2**31).decompressobj()
+            parts.append(self._frame.decompress(data))
+            data = b""
+            if self._frame.eof:  # the frame is complete; what follows starts the next one
+                data, self._frame = self._frame.unused_data, None
+        return b"".join(parts)
 
 
 def _decode(data: bytes, counts: Counter) -> str:
@@ -142,8 +181,13 @@ def read_documents(
     counts: Counter | None = None,
     txt_mode: str = "file",
     warn: Warn = warn_stderr,
+    allow_truncated: bool = False,
 ) -> Iterator[str]:
-    """Yield the documents of one file, counting skips and repairs in `counts`."""
+    """Yield the documents of one file, counting skips and repairs in `counts`.
+
+    allow_truncated: keep the documents read before the point where a compressed file is truncated
+    or corrupt (with a warning and a count) instead of raising.
+    """
     path = Path(path)
     counts = Counter() if counts is None else counts
     kind, compression = format_of(path)
@@ -156,25 +200,42 @@ def read_documents(
     if kind == "parquet":
         yield from _read_parquet(path, text_field, counts)
         return
+    before = counts["documents"]
     try:
-        with _open_binary(path, compression) as fh:
-            head = fh.peek(8192)[:8192] if hasattr(fh, "peek") else b""
-            if b"\0" in head:
-                counts["binary_file"] += 1
-                warn(f"{path} looks binary (NUL bytes), not text; skipped")
-                return
-            if not head:
-                counts["empty_file"] += 1
-                warn(f"{path} is empty after decompression; skipped")
-                return
-            if kind == "text":
-                yield from _read_text(fh, counts, txt_mode)
-            else:
-                yield from _read_json(fh, path, text_field, counts, warn)
-    except _decompress_errors() as err:
-        raise MobileLLMError(f"cannot decompress {path} ({_one_line(err)}); the file is corrupt or truncated") from None
+        with open(path, "rb") as raw, _open_binary(raw, compression) as fh:
+            try:
+                yield from _read_stream(fh, kind, path, text_field, counts, txt_mode, warn)
+            except _decompress_errors() as err:  # raised while the file is open: raw.tell() is where it broke
+                where = (f"is truncated: its {compression} stream stops at byte {raw.tell():,}, in the middle of "
+                         f"the data" if isinstance(err, EOFError) else
+                         f"is corrupt: decoding failed by byte {raw.tell():,} ({_one_line(err)})")
+                read = counts["documents"] - before
+                if not allow_truncated:
+                    raise MobileLLMError(f"{path} {where}; {read:,} documents were read before it. Re-create or "
+                                         f"re-download the file, or pass --allow-truncated to keep what was "
+                                         f"read") from None
+                counts["damaged_file"] += 1
+                warn(f"{path} {where}: kept the {read:,} documents read before it (--allow-truncated); "
+                     f"the rest of the file is LOST")
     except OSError as err:
         raise MobileLLMError(f"cannot read {path}: {_one_line(err)}") from None
+
+
+def _read_stream(fh: BinaryIO, kind: str, path: Path, text_field: str, counts: Counter, txt_mode: str,
+                 warn: Warn) -> Iterator[str]:
+    head = fh.peek(8192)[:8192] if hasattr(fh, "peek") else b""
+    if b"\0" in head:
+        counts["binary_file"] += 1
+        warn(f"{path} looks binary (NUL bytes), not text; skipped")
+        return
+    if not head:
+        counts["empty_file"] += 1
+        warn(f"{path} is empty after decompression; skipped")
+        return
+    if kind == "text":
+        yield from _read_text(fh, counts, txt_mode)
+    else:
+        yield from _read_json(fh, path, text_field, counts, warn)
 
 
 def _decompress_errors() -> tuple[type[BaseException], ...]:
@@ -319,8 +380,14 @@ def _read_parquet(path: Path, text_field: str, counts: Counter) -> Iterator[str]
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
         raise MobileLLMError(f"parquet column {text_field!r} in {path} has type {column_type}, not string; "
                              f"pass a text column with --text-field")
-    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-        column = batch.column(0)
+    batches = pf.iter_batches(batch_size=1024, columns=[text_field])
+    while True:
+        try:
+            column = next(batches).column(0)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            raise MobileLLMError(f"parquet file {path} is corrupt ({_one_line(err)})") from None
         try:
             values = column.to_pylist()
         except UnicodeDecodeError:  # arrow does not validate UTF-8 on read
@@ -334,7 +401,7 @@ def _read_parquet(path: Path, text_field: str, counts: Counter) -> Iterator[str]
 
 # ---- several inputs at once ---------------------------------------------------------------
 def read_spec(spec: str, text_field: str = "text", counts: Counter | None = None, txt_mode: str = "file",
-              warn: Warn = warn_stderr) -> Iterator[str]:
+              warn: Warn = warn_stderr, allow_truncated: bool = False) -> Iterator[str]:
     """The documents of one input spec: a path, folder, glob or `builtin:<name>`."""
     counts = Counter() if counts is None else counts
     if spec.startswith("builtin:"):
@@ -344,11 +411,12 @@ def read_spec(spec: str, text_field: str = "text", counts: Counter | None = None
             yield from _emit(text, counts)
         return
     for path in resolve_input(spec):
-        yield from read_documents(path, text_field, counts, txt_mode, warn)
+        yield from read_documents(path, text_field, counts, txt_mode, warn, allow_truncated)
 
 
 def iter_input_documents(specs: Iterable[str], text_field: str = "text", stats: Counter | dict | None = None,
-                         max_documents: int | None = None, txt_mode: str = "file") -> Iterator[str]:
+                         max_documents: int | None = None, txt_mode: str = "file",
+                         allow_truncated: bool = False) -> Iterator[str]:
     """All documents of several specs in order (for tokenizer training); counts go into `stats`.
 
     The specs are checked now, so a typo in the last input fails before any work starts.
@@ -363,15 +431,15 @@ def iter_input_documents(specs: Iterable[str], text_field: str = "text", stats: 
                                      + ", ".join(f"builtin:{n}" for n in BUILTIN_CORPORA))
         else:
             resolve_input(spec)
-    return _iter_documents(specs, text_field, stats, max_documents, txt_mode)
+    return _iter_documents(specs, text_field, stats, max_documents, txt_mode, allow_truncated)
 
 
-def _iter_documents(specs, text_field, stats, max_documents, txt_mode) -> Iterator[str]:
+def _iter_documents(specs, text_field, stats, max_documents, txt_mode, allow_truncated) -> Iterator[str]:
     counts = Counter()
     n = 0
     try:
         for spec in specs:
-            for text in read_spec(spec, text_field, counts, txt_mode):
+            for text in read_spec(spec, text_field, counts, txt_mode, allow_truncated=allow_truncated):
                 if max_documents is not None and n >= max_documents:
                     return
                 n += 1

@@ -191,10 +191,18 @@ def read_test(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise MobileLLMError(f"api_calling test file {path} not found (make one with `mobilellm api-data`)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for r in rows:
-        if "messages" not in r or "api" not in r or "reply" not in r:
-            raise MobileLLMError(f"{path}: every line needs messages, api and reply (the api-data format)")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            raise MobileLLMError(f"{path} line {number} is not JSON (expected the api-data format)") from None
+        if row is None:
+            continue
+        if not isinstance(row, dict) or not {"messages", "api", "reply"} <= set(row):
+            raise MobileLLMError(f"{path} line {number}: every line needs messages, api and reply (the api-data "
+                                 f"format)")
+        rows.append(row)
     return rows
 
 

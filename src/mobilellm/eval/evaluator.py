@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mobilellm.checkpoint import check_vocab
 from mobilellm.errors import MobileLLMError
 from mobilellm.eval import tasks as T
 from mobilellm.eval.perplexity import packed_loss, windows_perplexity
@@ -77,10 +78,7 @@ def evaluate(model: MobileLLM, tokenizer, tasks, data_dir: str | Path | None = N
     if limit is not None and limit < 1:
         raise MobileLLMError(f"--limit must be a positive number of documents, got {limit}")
     device = torch.device(device) if device is not None else model.output_weight.device
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise MobileLLMError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: wrong tokenizer"
-        )
+    check_vocab(tokenizer, model.config)
     model.eval()
     scorer = LoglikelihoodScorer(model, tokenizer, batch_size=batch_size, device=device, progress=progress)
     results: dict[str, dict] = {}

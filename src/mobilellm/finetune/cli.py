@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 from mobilellm.errors import MobileLLMError
@@ -81,10 +82,12 @@ def run(args) -> int:
     items = [f"{k}={v}" for k, v in defaults.items()] + parse_overrides(getattr(args, "overrides", []))
     cfg = train_config.load(None, items)
     result = train(cfg, resume=args.resume, progress=not args.no_progress,
-                   data_fn=lambda c, m, e: build_data(args, c, m, e))
+                   data_fn=lambda c, m, e: build_data(args, c, m, e), overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         print(f"fine-tuned {result.steps} steps{val}\nfinal model: {result.final_dir}")
+        for line in result.warnings():
+            print(line, file=sys.stderr)
     return 0
 
 
@@ -109,6 +112,9 @@ def register(sub) -> None:
                    help="cache the teacher's logits in DIR: the teacher runs once per row, not once per epoch")
     p.add_argument("--distill-cache-top-k", type=int, default=0, metavar="K",
                    help="cache only the teacher's K largest logits per position (default 0: all of them)")
-    p.add_argument("--resume", default="auto")
+    p.add_argument("--resume", default="auto", help="auto (newest checkpoint of --out, default), a checkpoint dir, "
+                                                    "or none")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that holds another run, deleting its checkpoints")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run, accepts_overrides=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from mobilellm.errors import MobileLLMError
 from mobilellm.train.config import load
@@ -30,12 +31,20 @@ def parse_overrides(extras: list[str]) -> list[str]:
 def run(args) -> int:
     from mobilellm.train.trainer import train
 
-    cfg = load(args.config, parse_overrides(getattr(args, "overrides", [])))
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    overrides = parse_overrides(getattr(args, "overrides", []))
+    if args.config is None and not overrides:
+        raise MobileLLMError("no training config: pass --config FILE (a YAML file such as configs/cpu-tiny.yaml) and "
+                             "the data prepared by `mobilellm prepare`, e.g. mobilellm train --config "
+                             "configs/cpu-tiny.yaml --data.train '[runs/data]' (docs/training.md; "
+                             "`mobilellm quickstart` does every step for you)")
+    cfg = load(args.config, overrides)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per run, not per process
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f}s{val}")
         print(f"final model: {result.final_dir}")
+        for line in result.warnings():
+            print(line, file=sys.stderr)
     return 0
 
 
@@ -46,5 +55,8 @@ def register(sub) -> None:
     p.add_argument("--config", help="YAML training config (see configs/)")
     p.add_argument("--resume", default="auto",
                    help="auto (newest checkpoint of run.out_dir, default), a checkpoint dir, or none")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh (or from the --resume checkpoint) in a run.out_dir that holds another run, "
+                        "deleting its checkpoints and final model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, accepts_overrides=True)

@@ -75,7 +75,8 @@ class RunSection:
     activation_checkpointing: bool = False
     fp32_residual: bool = False  # under bf16, keep the residual stream in fp32 (default: bf16, less traffic)
     loss_chunk_tokens: int = 8192  # fused linear + cross-entropy chunk (never materialises all logits)
-    distributed: str = "ddp"  # ddp | fsdp (used under torchrun)
+    distributed: str = "ddp"  # ddp | fsdp | hsdp (used under torchrun)
+    hsdp_shard_size: int | None = None  # hsdp: processes per shard group (None: the processes of one node)
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 20
@@ -119,26 +120,52 @@ class TrainConfig:
     def validate(self) -> None:
         if self.schedule.kind not in ("cosine", "wsd", "linear"):
             raise MobileLLMError(f"schedule.kind must be cosine, wsd or linear, got {self.schedule.kind!r}")
-        if self.run.distributed not in ("ddp", "fsdp"):
-            raise MobileLLMError(f"run.distributed must be 'ddp' or 'fsdp', got {self.run.distributed!r}")
+        if self.run.distributed not in ("ddp", "fsdp", "hsdp"):
+            raise MobileLLMError(f"run.distributed must be ddp, fsdp or hsdp, got {self.run.distributed!r}")
         if self.run.precision not in ("auto", "fp32", "bf16"):
             raise MobileLLMError(f"run.precision must be auto, fp32 or bf16, got {self.run.precision!r}")
         if self.run.max_steps is None and self.run.max_tokens is None and self.run.epochs is None:
             raise MobileLLMError("set run.max_steps, run.max_tokens or run.epochs")
         if not self.data.train:
             raise MobileLLMError("data.train is empty: give one or more prepared dataset directories (mobilellm prepare)")
-        for name in ("seq_len",):
-            if getattr(self.data, name) <= 0:
-                raise MobileLLMError(f"data.{name} must be positive")
-        if self.batch.micro_batch <= 0:
-            raise MobileLLMError("batch.micro_batch must be positive")
-        if not 0 <= self.schedule.min_lr_ratio <= 1:
-            raise MobileLLMError("schedule.min_lr_ratio must be within [0, 1]")
+        for key, value, ok, rule in self._ranges():
+            if value is not None and not ok(value):
+                raise MobileLLMError(f"{key} must be {rule}, got {value!r}")
+        if len(self.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.optim.betas):
+            raise MobileLLMError(f"optim.betas must be two numbers within [0, 1), got {list(self.optim.betas)!r}")
         if self.distill.cache_dir and not self.distill.teacher:
             raise MobileLLMError("distill.cache_dir caches a teacher's logits: set distill.teacher too")
         if self.distill.cache_top_k < 0:
             raise MobileLLMError(f"distill.cache_top_k must be 0 (whole vocabulary) or positive, "
                                  f"got {self.distill.cache_top_k}")
+
+    def _ranges(self):
+        """(key, value, test, rule) for every number with a limited range (None values are unset: skipped)."""
+        positive, at_least_0, at_least_1 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0"), (
+            lambda v: v >= 1, ">= 1")
+        unit = (lambda v: 0 <= v <= 1, "within [0, 1]")
+        d, b, o, s, r, k = self.data, self.batch, self.optim, self.schedule, self.run, self.distill
+        checks = [
+            ("data.seq_len", d.seq_len, positive), ("data.num_workers", d.num_workers, at_least_0),
+            ("batch.micro_batch", b.micro_batch, positive), ("batch.grad_accum", b.grad_accum, positive),
+            ("batch.global_batch_tokens", b.global_batch_tokens, positive),
+            ("optim.lr", o.lr, positive), ("optim.eps", o.eps, positive),
+            ("optim.weight_decay", o.weight_decay, at_least_0), ("optim.grad_clip", o.grad_clip, at_least_0),
+            ("schedule.warmup_steps", s.warmup_steps, at_least_0), ("schedule.min_lr_ratio", s.min_lr_ratio, unit),
+            ("schedule.decay_fraction", s.decay_fraction, unit),
+            ("run.max_steps", r.max_steps, positive), ("run.max_tokens", r.max_tokens, positive),
+            ("run.epochs", r.epochs, positive), ("run.time_limit_minutes", r.time_limit_minutes, positive),
+            ("run.seed", r.seed, (lambda v: 0 <= v < 2**63, "within [0, 2**63)")),
+            ("run.loss_chunk_tokens", r.loss_chunk_tokens, positive), ("run.log_every", r.log_every, positive),
+            ("run.eval_every", r.eval_every, at_least_0), ("run.eval_batches", r.eval_batches, at_least_0),
+            ("run.save_every", r.save_every, at_least_0), ("run.keep_last", r.keep_last, at_least_1),
+            ("run.milestone_every", r.milestone_every, at_least_0),
+            ("run.max_bad_steps", r.max_bad_steps, at_least_0), ("run.peak_tflops", r.peak_tflops, positive),
+            ("run.hsdp_shard_size", r.hsdp_shard_size, positive),
+            ("distill.alpha", k.alpha, unit), ("distill.temperature", k.temperature, positive),
+        ]
+        # `v > 0` is False for NaN, so NaN fails every test; infinity is no setting either
+        return [(key, value, lambda v, ok=ok: ok(v) and v != float("inf"), rule) for key, value, (ok, rule) in checks]
 
     def batch_plan(self, world_size: int) -> tuple[int, int]:
         """(grad_accum, global batch in sequences), checking that the split is possible."""

@@ -93,6 +93,8 @@ class TeacherCache:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             stored = {}
+        if not isinstance(stored, dict):
+            stored = {}
         differ = [name for key, name in CACHE_KEYS.items() if stored.get(key) != header[key]]
         if differ:
             raise MobileLLMError(f"teacher cache {directory} was made for another {', '.join(differ)}: "
@@ -109,10 +111,10 @@ class TeacherCache:
         path = self.path(row)
         try:
             if self.top_k:
-                with np.load(path) as z:
+                with np.load(path, allow_pickle=False) as z:  # data only, never pickled objects
                     entry = (z["values"], z["indices"])
             else:
-                entry = (np.load(path),)
+                entry = (np.load(path, allow_pickle=False),)
         except (OSError, ValueError, KeyError) as err:
             raise MobileLLMError(f"teacher cache file {path} is unreadable ({type(err).__name__}): "
                                  "delete the folder or use another one") from None

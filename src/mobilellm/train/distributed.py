@@ -77,9 +77,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(module: nn.Module, blocks: nn.ModuleList, strategy: str, env: Dist, shard_blocks: bool) -> nn.Module:
-    """DDP or FSDP2 around the loss module. Shared parameters stay single tensors: DDP keeps the
-    module as is; FSDP2 shards each physical block (once, however often it runs) and the root."""
+def wrap(module: nn.Module, blocks: nn.ModuleList, strategy: str, env: Dist, shard_blocks: bool,
+         shard_size: int | None = None) -> nn.Module:
+    """DDP, FSDP2 or HSDP around the loss module. Shared parameters stay single tensors: DDP keeps
+    the module as is; FSDP2 shards each physical block (once, however often it runs) and the root.
+    HSDP is FSDP2 on a 2-D mesh: parameters sharded over groups of `shard_size` processes (default:
+    the processes of one node) and replicated across the groups, so only gradients cross nodes."""
     if not env.enabled:
         return module
     if strategy == "ddp":
@@ -88,11 +91,22 @@ def wrap(module: nn.Module, blocks: nn.ModuleList, strategy: str, env: Dist, sha
         return DDP(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
+    mesh = {"mesh": hsdp_mesh(env, shard_size)} if strategy == "hsdp" else {}
     if shard_blocks:
         for block in blocks:
-            fully_shard(block)
-    fully_shard(module)  # the root holds the embedding (shared with the output layer) and the final norm
+            fully_shard(block, **mesh)
+    fully_shard(module, **mesh)  # the root holds the embedding (shared with the output layer) and the final norm
     return module
+
+
+def hsdp_mesh(env: Dist, shard_size: int | None):
+    """(replicate, shard) device mesh; shard_size None: the processes of one node (torchrun's LOCAL_WORLD_SIZE)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    if shard < 1 or env.world_size % shard:
+        raise MobileLLMError(f"run.hsdp_shard_size={shard} does not divide the {env.world_size} processes")
+    return init_device_mesh(env.device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
 def set_grad_sync(wrapped: nn.Module, enabled: bool):

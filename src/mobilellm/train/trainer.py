@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +21,18 @@ import torch
 import yaml
 from torch import nn
 
-from mobilellm.checkpoint import load_model_dir, save_model_dir
+from mobilellm.checkpoint import check_vocab, load_model_dir, save_model_dir
 from mobilellm.config import ModelConfig
 from mobilellm.errors import MobileLLMError
-from mobilellm.fileio import write_text_atomic
+from mobilellm.fileio import WriteError, write_failure, write_text_atomic
 from mobilellm.model import MobileLLM
 from mobilellm.train import state as run_state
 from mobilellm.train.config import TrainConfig
 from mobilellm.train.distributed import Dist, check_shared_parameters, set_grad_sync, setup, teardown, wrap
 from mobilellm.train.loss import linear_cross_entropy
 from mobilellm.train.optim import build_optimizer, lr_at
+from mobilellm.train.progress import TrainProgress
+from mobilellm.train.rundir import RunLock, start_point
 
 
 class CausalLMLoss(nn.Module):
@@ -58,10 +61,26 @@ class TrainResult:
     final_dir: Path
     steps: int
     tokens: int
-    stopped_early: bool = False  # the time limit ended the run before max_steps
+    total_steps: int = 0  # what the config asked for
+    stopped_early: bool = False  # the time limit ended the run before total_steps
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite (no update), over the whole run
     losses: list = field(default_factory=list)  # (step, loss) of this process's run
     val_loss: float | None = None
     elapsed_s: float = 0.0
+    time_limit_minutes: float | None = None
+
+    def warnings(self) -> list[str]:
+        """Lines to print after the summary: what makes this model less trained than asked for."""
+        out = []
+        if self.skipped_steps:
+            out.append(f"warning: {self.skipped_steps} of the {self.steps} steps were skipped (loss or gradient "
+                       f"not finite, no update); lower optim.lr or check the data")
+        if self.stopped_early:
+            out.append(f"warning: run.time_limit_minutes={self.time_limit_minutes:g} stopped training at step "
+                       f"{self.steps} of {self.total_steps} ({self.steps / max(self.total_steps, 1):.0%}): the model "
+                       f"is undertrained; run the same command again to continue from its checkpoint, or raise "
+                       f"the limit")
+        return out
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -166,25 +185,33 @@ def measure_peak_tflops(device: torch.device) -> float | None:
 class MetricsLog:
     """JSONL always; TensorBoard when available; only on the main rank."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_step: int = 0):
+        """start_step: the step the run starts from; records of later steps (a run that went on after
+        the checkpoint it resumes from, or an earlier run that saved none) are dropped."""
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.path = run_dir / "metrics.jsonl"
+        _keep_records_until(self.path, start_step)
+        self.file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the events of steps >= it written before this run
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 self.tb = None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            raise WriteError(self.path, write_failure(err) or str(err), _checkpoints_note(self.path.parent)) from None
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -195,6 +222,24 @@ class MetricsLog:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _keep_records_until(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a crash
+    write_text_atomic(path, "".join(kept))
+
+
+def _checkpoints_note(run_dir: Path) -> str:
+    found = run_state.checkpoints(run_dir)
+    return f"earlier checkpoints are intact (newest: {found[-1][1]})" if found else "no checkpoint was saved yet"
 
 
 @torch.no_grad()
@@ -218,17 +263,46 @@ def validation_loss(loss_module: CausalLMLoss, data: TrainData, env: Dist, autoc
 
 
 def train(cfg: TrainConfig, resume: str | None = "auto", progress: bool = True,
-          data_fn: Callable[[TrainConfig, ModelConfig, Dist], TrainData] | None = None) -> TrainResult:
-    """Run (or resume) training. data_fn builds the data (default: prepared token shards)."""
+          data_fn: Callable[[TrainConfig, ModelConfig, Dist], TrainData] | None = None,
+          overwrite: bool = False) -> TrainResult:
+    """Run (or resume) training. data_fn builds the data (default: prepared token shards).
+
+    resume: auto (the run folder's newest checkpoint), none, or a checkpoint path. A run folder that
+    holds checkpoints or a final model this run would not continue is refused unless `overwrite`,
+    which starts afresh (or from the given checkpoint) and deletes them.
+    """
     cfg.validate()
     env = setup(cfg.run.device)
+    lock = RunLock(Path(cfg.run.out_dir))
     try:
-        return _train(cfg, env, resume, progress, data_fn or (lambda c, m, e: pretraining_data(c, m.vocab_size, e)))
+        return _train(cfg, env, resume, progress, data_fn or (lambda c, m, e: pretraining_data(c, m.vocab_size, e)),
+                      lock, overwrite)
     finally:
+        lock.release()
         teardown()
 
 
-def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data_fn) -> TrainResult:
+def _claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool, lock: RunLock, env: Dist) -> Path | None:
+    """Lock the run folder, check it holds no other run, clean up; returns the checkpoint to resume from."""
+    checkpoint, failure = None, None
+    if env.is_main:
+        try:
+            notes = lock.acquire()
+            checkpoint, more = start_point(run_dir, resume, overwrite)
+            for line in notes + more:
+                print(line, file=sys.stderr, flush=True)
+            run_state.remove_partial_saves(run_dir)
+        except Exception as err:  # every rank learns of it before the main one raises
+            failure = err
+    if not env.all_true(failure is None):
+        raise failure if failure is not None else MobileLLMError("the main process could not start the run")
+    if not env.is_main:  # the main process has cleaned up: the same answer
+        checkpoint = run_state.resolve_resume(run_dir, "none" if overwrite and resume == "auto" else resume)
+    return checkpoint
+
+
+def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data_fn, lock: RunLock,
+           overwrite: bool) -> TrainResult:
     started = time.perf_counter()
     run_dir = Path(cfg.run.out_dir)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
@@ -244,6 +318,7 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
     tokens_per_step = global_seqs * cfg.data.seq_len
     data = data_fn(cfg, model_cfg, env)
     tokenizer = data.tokenizer
+    check_vocab(tokenizer, model_cfg, "the training tokenizer")  # saved with the model: it must fit the embedding
     if cfg.run.max_steps:
         total_steps = cfg.run.max_steps
     elif cfg.run.max_tokens:
@@ -275,23 +350,24 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
     if cfg.run.compile if cfg.run.compile is not None else use_cuda:
         for block in model.layers:  # one compiled graph serves every (shared) block
             block.compile()
-    wrapped = wrap(loss_module, model.layers, cfg.run.distributed, env, shard_blocks=model_cfg.layer_sharing == "none")
+    wrapped = wrap(loss_module, model.layers, cfg.run.distributed, env, shard_blocks=model_cfg.layer_sharing == "none",
+                   shard_size=cfg.run.hsdp_shard_size)
     check_shared_parameters(model)
     optimizer = build_optimizer(model, cfg, peak_lr, env.device)
 
-    step, tokens_seen = 0, 0
+    step, tokens_seen, skipped, run_id = 0, 0, 0, run_state.new_run_id()
     stream = data.stream
+    checkpoint = _claim_run_dir(run_dir, resume, overwrite, lock, env)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_state.remove_partial_saves(run_dir)
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
             {**cfg.to_dict(), "resolved": {"model": model_cfg.to_dict(), "world_size": env.world_size,
                                           "grad_accum": accum, "global_batch_seqs": global_seqs,
                                           "tokens_per_step": tokens_per_step, "total_steps": total_steps,
                                           "peak_lr": peak_lr}}, sort_keys=False))
-    checkpoint = run_state.resolve_resume(run_dir, resume)
     if checkpoint is not None:
-        step, tokens_seen = _restore(checkpoint, model, optimizer, stream, env, model_cfg)
+        saved = _restore(checkpoint, model, optimizer, stream, env, model_cfg)
+        step, tokens_seen, skipped = saved["step"], saved["tokens"], saved.get("skipped_steps", 0)
+        run_id = saved.get("run_id") or run_id  # converted old checkpoints have none
     env.barrier()
 
     def model_writer(full_state: dict):
@@ -308,7 +384,8 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
         if env.is_main:
             trainer_state = {"step": step, "tokens": tokens_seen, "optimizer": optim_state,
                              "data": stream.state_dict(), "rng": run_state.rng_state(),
-                             "model_config": model_cfg.to_dict(), "world_size": env.world_size}
+                             "model_config": model_cfg.to_dict(), "world_size": env.world_size,
+                             "run_id": run_id, "skipped_steps": skipped}
             run_state.save(run_dir, step, model_writer(model_state), trainer_state, cfg.run.keep_last,
                            cfg.run.milestone_every)
         env.barrier()
@@ -316,19 +393,20 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
     def write_final_model() -> None:
         model_state = _full_state(model, optimizer, env, with_optimizer=False)[0]
         if env.is_main:
-            model_writer(model_state)(result.final_dir)
+            try:
+                model_writer(model_state)(result.final_dir)
+            except WriteError as err:
+                raise WriteError(err.path, err.reason, f"the checkpoint of step {step} is intact") from None
         env.barrier()
 
-    log = MetricsLog(run_dir, env.is_main, cfg.run.tensorboard)
+    log = MetricsLog(run_dir, env.is_main, cfg.run.tensorboard, start_step=step)
     peak_tflops = cfg.run.peak_tflops or measure_peak_tflops(env.device)
     flops_per_token = 3 * model_cfg.flops_per_token(cfg.data.seq_len)
-    bar = None
-    if progress and env.is_main:
-        from tqdm import tqdm
+    deadline = started + 60 * cfg.run.time_limit_minutes if cfg.run.time_limit_minutes else None
+    bar = TrainProgress(total_steps, step, deadline, enabled=progress and env.is_main)
 
-        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
-
-    result = TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=step, tokens=tokens_seen)
+    result = TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=step, tokens=tokens_seen,
+                         total_steps=total_steps, time_limit_minutes=cfg.run.time_limit_minutes)
     batches = iter(stream)
     bad_steps, last_saved = 0, step if checkpoint is not None else -1
     interval_t0, interval_tokens = time.perf_counter(), 0
@@ -356,6 +434,7 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
                 bad_steps = 0
             else:
                 bad_steps += 1
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
@@ -375,19 +454,13 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
                 interval_t0, interval_tokens = now, 0
                 record = {"step": step, "tokens": tokens_seen, "loss": loss_value, "lr": lr,
                           "grad_norm": grad_norm.item(), "tok_per_s": tok_s,
-                          "peak_mem_gib": peak_memory_gib(env.device), "skipped": not finite}
+                          "peak_mem_gib": peak_memory_gib(env.device), "skipped": not finite,
+                          "skipped_steps": skipped}
                 if peak_tflops:
                     record["mfu"] = tok_s * flops_per_token / (peak_tflops * 1e12 * env.world_size)
                 log.write(record)
-                if bar is not None:
-                    eta = (total_steps - step) * tokens_per_step / max(tok_s, 1e-9)
-                    post = {"loss": f"{loss_value:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}",
-                            "tokens": f"{tokens_seen:,}", "eta": f"{eta / 60:.1f}m"}
-                    if "mfu" in record:
-                        post["mfu"] = f"{record['mfu']:.1%}"
-                    bar.set_postfix(post, refresh=False)
-            if bar is not None:
-                bar.update(1)
+                bar.rates = {"tok/s": f"{tok_s:,.0f}", **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})}
+            bar.step(step, loss_value, lr)
             if cfg.run.time_limit_minutes:
                 over = time.perf_counter() - started > 60 * cfg.run.time_limit_minutes
                 if not env.all_true(not over):  # any rank past the limit: all stop at the same step
@@ -406,9 +479,11 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
             save_checkpoint()  # resume with --resume auto
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
+    if step > 0 and skipped == step:
+        raise MobileLLMError(f"no step trained: all {step} steps had a non-finite loss or gradient and were skipped "
+                             f"(no checkpoint written); lower optim.lr or check the data")
     result.val_loss = validation_loss(loss_module, data, env, autocast)
     if result.val_loss is not None:
         log.write({"step": step, "val_loss": result.val_loss, "val_ppl": math.exp(min(result.val_loss, 50))})
@@ -417,7 +492,7 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
     write_final_model()
     env.barrier()
     log.close()
-    result.steps, result.tokens = step, tokens_seen
+    result.steps, result.tokens, result.skipped_steps = step, tokens_seen, skipped
     result.elapsed_s = time.perf_counter() - started
     return result
 
@@ -434,7 +509,8 @@ def _full_state(model: MobileLLM, optimizer, env: Dist, with_optimizer: bool):
     return get_model_state_dict(model, options=options), None
 
 
-def _restore(checkpoint: Path, model: MobileLLM, optimizer, stream, env: Dist, model_cfg) -> tuple[int, int]:
+def _restore(checkpoint: Path, model: MobileLLM, optimizer, stream, env: Dist, model_cfg) -> dict:
+    """Load a checkpoint into the model, optimizer and data stream; returns its trainer state."""
     saved = run_state.load_trainer_state(checkpoint)
     if saved.get("model_config") != model_cfg.to_dict():
         raise MobileLLMError(f"checkpoint {checkpoint} was made with another model config; "
@@ -451,4 +527,4 @@ def _restore(checkpoint: Path, model: MobileLLM, optimizer, stream, env: Dist, m
     stream.load_state_dict(saved["data"])
     if saved.get("world_size", 1) == env.world_size:
         run_state.set_rng_state(saved["rng"])
-    return saved["step"], saved["tokens"]
+    return saved
