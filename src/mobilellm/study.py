@@ -18,7 +18,6 @@ processes (one GPU each on a multi-GPU machine; small models also share one GPU 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -36,6 +35,7 @@ import yaml
 
 from mobilellm.errors import MobileLLMError
 from mobilellm.fileio import atomic_path, write_json_atomic, write_text_atomic
+from mobilellm.sysinfo import hardware
 
 ZERO_SHOT = ("arc_easy", "arc_challenge", "boolq", "piqa", "siqa", "hellaswag", "openbookqa", "winogrande")
 
@@ -186,24 +186,6 @@ def _eval_groups(ev: dict) -> list[tuple[list[str], int | None]]:
     for task in tasks:
         groups.setdefault(limit.get(task), []).append(task)
     return [(names, lim) for lim, names in groups.items()]
-
-
-def hardware() -> str:
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def run_variant(spec: StudySpec, variant: Variant, run_name: str, cfg, data_dir: Path, progress: bool = True) -> dict:
@@ -537,37 +519,13 @@ def run_study(spec_paths, out: str | Path | None = None, only: list[str] | None 
     return results
 
 
-def run_worker(args) -> int:
+def run_one(spec_path: str | Path, run_name: str, data_dir: str | Path, out: str | Path) -> None:
     """One run of one spec, inside a worker process started by run_in_workers."""
-    spec = load_spec(args.spec[0])
+    spec = load_spec(spec_path)
     for variant in spec.variants:
-        for run_name, seed in variant.runs():
-            if run_name == args.worker:
-                cfg = variant_config(spec, variant, seed, Path(args.data_dir), Path(args.out) / "runs" / run_name)
-                run_variant(spec, variant, run_name, cfg, Path(args.data_dir), progress=False)
-                return 0
-    raise MobileLLMError(f"spec {args.spec[0]} has no run {args.worker!r}")
-
-
-def run(args) -> int:
-    if args.worker:
-        return run_worker(args)
-    results = run_study(args.spec, args.out, args.only.split(",") if args.only else None, jobs=args.jobs)
-    for result in results:
-        print(result["markdown"])
-        print(f"results: {result['out']}/results.md, .csv, .json; plots: "
-              + ", ".join(p.name for p in result["plots"]))
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("study", help="train and compare model variants at a matched budget (paper ablations)",
-                       description=__doc__.split("\n")[0])
-    p.add_argument("spec", nargs="+", help="study spec YAML(s) (see configs/studies/)")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: runs/study/<name>; with several specs, their parent folder)")
-    p.add_argument("--only", default=None, help="comma-separated variant or run names to run")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, in worker processes")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
+        for name, seed in variant.runs():
+            if name == run_name:
+                cfg = variant_config(spec, variant, seed, Path(data_dir), Path(out) / "runs" / name)
+                run_variant(spec, variant, name, cfg, Path(data_dir), progress=False)
+                return
+    raise MobileLLMError(f"spec {spec_path} has no run {run_name!r}")

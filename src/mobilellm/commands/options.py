@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mobilellm.errors import MobileLLMError
 from mobilellm.inference import BACKENDS, PRECISIONS, SamplingParams
 
 
@@ -71,3 +72,22 @@ def report(engine, tokens: int, seconds: float) -> None:
           f"{engine.weight_bytes() / 2**20:.1f} MiB ({engine.precision}, {engine.backend.name} backend), "
           f"KV cache {engine.cache_bytes() / 2**20:.1f} MiB, "
           f"peak RSS {peak_rss_bytes() / 2**20:.1f} MiB]", file=sys.stderr)
+
+
+def parse_overrides(extras: list[str]) -> list[str]:
+    """`--optim.lr 1e-3` / `--optim.lr=1e-3` -> ["optim.lr=1e-3"]."""
+    out, i = [], 0
+    while i < len(extras):
+        item = extras[i]
+        if not item.startswith("--") or "." not in item:
+            raise MobileLLMError(f"unexpected argument {item!r}: overrides look like --section.key value")
+        key = item[2:]
+        if "=" in key:
+            out.append(key)
+            i += 1
+            continue
+        if i + 1 >= len(extras):
+            raise MobileLLMError(f"override {item} needs a value")
+        out.append(f"{key}={extras[i + 1]}")
+        i += 2
+    return out

@@ -7,11 +7,11 @@ inside functions only.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
 from mobilellm.errors import MobileLLMError
+from mobilellm.export.stages import Stages
 
 FORMATS = ("pte", "gguf", "onnx")
 SUFFIXES = {"pte": ".pte", "gguf": ".gguf", "onnx": ".onnx"}
@@ -22,20 +22,6 @@ FORMAT_PRECISIONS = {
     "onnx": {"fp32": "fp32"},
 }
 FORMAT_QUANTS = {fmt: tuple(names.values()) for fmt, names in FORMAT_PRECISIONS.items()}  # the formats' own names
-
-
-class Stages:
-    """Reports the stages of a long job, each with the time elapsed so far: `[  12.3 s] lower: ...`."""
-
-    def __init__(self, report: Callable[[str], None] | None = None):
-        self.report = report or (lambda line: None)
-        self.started = time.perf_counter()
-
-    def __call__(self, what: str) -> None:
-        self.report(f"[{self.elapsed():7.1f} s] {what}")
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
 
 
 def format_quant(fmt: str, precision: str | None, model_quantization: dict | None) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mobilellm.errors import MobileLLMError
-from mobilellm.export import Stages
+from mobilellm.export.stages import Stages
 from mobilellm.fileio import atomic_path
 from mobilellm.model import MobileLLM
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilellm.errors import MobileLLMError
-from mobilellm.export import Stages
+from mobilellm.export.stages import Stages
 from mobilellm.fileio import atomic_path
 from mobilellm.model import MobileLLM
 

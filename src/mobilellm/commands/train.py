@@ -5,27 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
+from mobilellm.commands.options import parse_overrides
 from mobilellm.errors import MobileLLMError
 from mobilellm.train.config import load
-
-
-def parse_overrides(extras: list[str]) -> list[str]:
-    """`--optim.lr 1e-3` / `--optim.lr=1e-3` -> ["optim.lr=1e-3"]."""
-    out, i = [], 0
-    while i < len(extras):
-        item = extras[i]
-        if not item.startswith("--") or "." not in item:
-            raise MobileLLMError(f"unexpected argument {item!r}: overrides look like --section.key value")
-        key = item[2:]
-        if "=" in key:
-            out.append(key)
-            i += 1
-            continue
-        if i + 1 >= len(extras):
-            raise MobileLLMError(f"override {item} needs a value")
-        out.append(f"{key}={extras[i + 1]}")
-        i += 2
-    return out
 
 
 def run(args) -> int:

@@ -1,6 +1,6 @@
 """`mobilellm finetune <model dir> --data train.jsonl`: supervised fine-tuning with the trainer.
 
-Defaults follow the paper's fine-tuning (PAPER.md §4): lr 2e-5 with linear decay, weight decay 0.01,
+Defaults follow the paper's fine-tuning (docs/paper.md): lr 2e-5 with linear decay, weight decay 0.01,
 4 epochs. Same trainer, checkpoints, `--resume auto` and torchrun support as pretraining; any
 training-config key can be overridden with `--section.key value`.
 """
@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from mobilellm.commands.options import parse_overrides
 from mobilellm.errors import MobileLLMError
 
 
@@ -53,7 +54,6 @@ def build_data(args, cfg, model_cfg, env):
 
 def run(args) -> int:
     from mobilellm.train import config as train_config
-    from mobilellm.train.cli import parse_overrides
     from mobilellm.train.trainer import train
 
     model_dir = Path(args.model)
