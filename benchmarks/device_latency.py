@@ -1,4 +1,4 @@
-"""The paper's on-device latency table (PAPER.md §4) on this CPU, for every runtime we export to.
+"""The paper's on-device latency table (docs/paper.md, "Results we compare against") on this CPU, for every runtime we export to.
 
 Models (random weights; latency does not depend on the values): the 125M shape, 125M-LS (the same
 30 blocks, each run twice = 60 logical layers) and a 60-layer non-shared model of the same width.

@@ -5,7 +5,7 @@ from mobilellm.config import ModelConfig, get_preset, list_presets
 from mobilellm.errors import MobileLLMError
 from mobilellm.model import KVCache, MobileLLM
 
-PAPER_PARAMS = {  # PAPER.md §1, as printed: (value, unit of the last printed digit)
+PAPER_PARAMS = {  # docs/paper.md "Architecture", as printed: (value, unit of the last printed digit)
     "mobilellm-125m": (124.6e6, 0.1e6),
     "mobilellm-350m": (345.3e6, 0.1e6),
     "mobilellm-600m": (603.1e6, 0.1e6),

@@ -1,6 +1,6 @@
 """TrainConfig: typed sections that YAML files and `--section.key value` overrides map onto.
 
-Defaults follow the paper's recipe (PAPER.md §3): AdamW (0.9, 0.95, eps 1e-8), weight decay 0.1
+Defaults follow the paper's recipe (docs/paper.md, "Training recipe"): AdamW (0.9, 0.95, eps 1e-8), weight decay 0.1
 not on norms, grad-clip 1.0, linear warmup then cosine to 0.1x peak, peak LR 2e-3 at
 1024 x 2048 tokens per step scaled linearly with the global batch.
 """
