@@ -125,3 +125,17 @@ def test_chat_cli_reports_a_message_too_long_and_goes_on(chat_dir):
                    input="keys " * 400 + "\nhello\n", check=True)
     assert "error:" in proc.stderr and "shorter message" in proc.stderr
     assert proc.stdout == expected + "\n"  # the second message still got its reply, with no history
+
+
+def test_a_template_that_loops_for_long_is_stopped_with_one_line():
+    import time
+
+    from mobilellm.chat_template import RENDER_SECONDS
+
+    looping = "{% for i in range(10**6) %}{% for j in range(10**6) %}{% endfor %}{% endfor %}"
+    started = time.perf_counter()
+    with pytest.raises(MobileLLMError, match="chat template"):
+        apply_chat_template(MESSAGES, looping)
+    assert time.perf_counter() - started < RENDER_SECONDS + 30  # stopped, not run to the end (hours)
+    with pytest.raises(MobileLLMError, match="chat template"):
+        apply_chat_template(MESSAGES, "{{ 'x' * 10**9 }}")  # output size is bounded too

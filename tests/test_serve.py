@@ -282,3 +282,61 @@ def test_serve_cli_bad_input(model_dir):
         proc = subprocess.run([sys.executable, "-m", "mobilellm", "serve", str(model_dir), "--port", str(port)],
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.startswith("error:") and "--port" in proc.stderr
+
+
+def test_a_huge_body_gets_413_while_health_stays_responsive(server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(10_000_000))
+    conn.endheaders()
+    try:
+        conn.send(b'{"model": "tiny-chat", "prompt": "' + b"x" * 1_000_000)  # the first megabyte of ten
+    except OSError:
+        pass  # the server may already have answered and closed
+    started = time.perf_counter()
+    code, body = server.get("/health")
+    health_s = time.perf_counter() - started
+    assert code == 200 and body
+    assert health_s < 30, health_s  # answered while the big request is open, not queued behind it
+    resp = conn.getresponse()
+    err = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413 and "larger than" in err["error"]["message"], err
+
+
+def test_out_of_range_fields_get_openai_400s(server):
+    good = {"model": "tiny-chat", "prompt": "the cache", "max_tokens": 2}
+    for field, value in (("seed", 2**64), ("seed", -1), ("top_p", 2), ("presence_penalty", "x")):
+        code, body = server.post("/v1/completions", {**good, field: value})
+        assert code == 400 and body["error"]["param"] == field, (field, body)
+
+
+def test_a_looping_chat_template_gets_400_and_the_server_keeps_serving(tmp_path):
+    model_dir = tmp_path / "loopy"
+    make_model_dir(model_dir)
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{% for i in range(10**6) %}{% for j in range(10**6) %}{% endfor %}{% endfor %}"
+    cfg_path.write_text(json.dumps(cfg))
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    s = Server(model_dir)
+    try:
+        code, body = s.post("/v1/chat/completions", {"model": "loopy", "messages": [{"role": "user", "content": "hi"}]})
+        assert code == 400 and "chat template" in body["error"]["message"], body
+        code, body = s.post("/v1/completions", {"model": "loopy", "prompt": "hi", "max_tokens": 2})
+        assert code == 200, body
+    finally:
+        s.stop()
+
+
+def test_a_context_too_large_for_memory_is_one_line(tmp_path):
+    model_dir = tmp_path / "huge-context"
+    make_model_dir(model_dir, max_seq_len=10**9)
+    proc = subprocess.run([sys.executable, "-m", "mobilellm", "serve", str(model_dir), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "KV cache" in lines[0] and "GiB" in lines[0], proc.stderr
