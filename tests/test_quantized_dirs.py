@@ -1,4 +1,4 @@
-"""Directories `mobilellm quantize` writes run through generate, chat and serve on the weights it wrote."""
+"""Directories `mobilellm quantize` writes run through generate, chat, serve, eval and bench on the weights it wrote."""
 
 import copy
 import json
@@ -75,3 +75,23 @@ def test_quantized_dirs_serve(dirs):
             assert body["choices"][0]["text"] == expected
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_quantized_dirs_eval_on_the_quantized_weights(dirs, tmp_path, precision):
+    wiki = tmp_path / "data" / "wikitext2" / "raw"
+    wiki.mkdir(parents=True)
+    wiki.joinpath("wiki.test.raw").write_text(("the model runs on a phone and the cache is small. " * 40 + "\n") * 3)
+    ppl = {}
+    for name in ("float", precision):
+        out = tmp_path / f"{name}.json"
+        run_cli("eval", dirs / name, "--tasks", "wikitext2", "--data-dir", tmp_path / "data", "--output", out,
+                "--no-progress", check=True)
+        ppl[name] = json.loads(out.read_text())["results"]["wikitext2"]["ppl"]
+    assert all(v > 0 and v == v for v in ppl.values()), ppl
+    assert ppl[precision] != ppl["float"]  # the quantized weights were used, not a float copy
+
+
+def test_quantized_dirs_bench(dirs):
+    proc = run_cli("bench", dirs / "int8", "--new-tokens", 4, "--prompt-tokens", 4, check=True)
+    assert "int8" in proc.stdout or str(dirs / "int8") in proc.stdout, proc.stdout
