@@ -1,6 +1,7 @@
 """ONNX export: the graph runs in onnxruntime with a KV cache and matches PyTorch."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -76,6 +77,11 @@ def test_onnx_cli_and_bad_inputs(tmp_path):
     save_model_dir(quantize_model(copy.deepcopy(model), "w8a8"), tmp_path / "q")
     proc = run_cli("export", tmp_path / "f", "--format", "onnx", "--output", tmp_path / "m.onnx", check=True)
     assert "onnx" in proc.stdout and (tmp_path / "m.onnx").exists()
+    # one progress line per stage, each with the time elapsed so far, in order; no third-party noise
+    stages = re.findall(r"^\[ *([0-9.]+) s\] (\w+):", proc.stdout, flags=re.M)
+    assert [name for _, name in stages] == ["load", "trace", "serialize", "done"], proc.stdout
+    assert [float(t) for t, _ in stages] == sorted(float(t) for t, _ in stages)
+    assert "Warning" not in proc.stdout + proc.stderr and "rename_mapping" not in proc.stderr, proc.stderr
     for args, needle in [
         ((tmp_path / "f", "--precision", "q8_0"), "not available for onnx"),
         ((tmp_path / "q",), "dynamic int8 activations"),
