@@ -131,8 +131,23 @@ def library():
             lib.mobilellm_forward.restype = ctypes.c_int
             lib.mobilellm_forward.argtypes = [ctypes.POINTER(Net), ctypes.c_int] + [ctypes.c_void_p] * 3 + \
                 [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            lib.mobilellm_qmatmul_i8.restype = None
+            lib.mobilellm_qmatmul_i8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + \
+                [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
             _library = lib
         return _library
+
+
+def qmatmul_i8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x (n, in) fp32 times int8 weights q (out, in) with one scale per row, on integer dot products:
+    activations quantized per token as quantize.fake_quantize_activations does. Returns (n, out) fp32."""
+    q, x = q.to(torch.int8).contiguous(), x.float().contiguous()
+    scale = scale.float().reshape(-1).contiguous()
+    wsum = q.to(torch.int32).sum(1, dtype=torch.int32).contiguous()
+    y = torch.empty(x.shape[0], q.shape[0])
+    library().mobilellm_qmatmul_i8(_ptr(q), _ptr(scale), _ptr(wsum), q.shape[0], q.shape[1], _ptr(x), x.shape[0],
+                                   _ptr(y), torch.get_num_threads())
+    return y
 
 
 # ---- the network as the library sees it ------------------------------------------------------

@@ -388,3 +388,49 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
     free(scratch);
     return 0;
 }
+
+/* ---- integer matrix product (first piece of the integer path; not yet used by mobilellm_forward) ----
+   y[t, r] = wscale[r] * xs_t * (sum_k qx[t, k] * w[r, k] - zp_t * wsum[r]) for int8 weights with one
+   scale per row (wsum[r] = sum_k w[r, k]) and activations quantized per token row by quantize.py's
+   rule (asymmetric int8, fake_quantize_activations): the sums are exact int32, scales applied in fp32. */
+void mobilellm_qmatmul_i8(const int8_t *w, const float *wscale, const int32_t *wsum, int rows, int cols,
+                          const float *x, int n, float *y, int threads) {
+    const float eps = 1.1920928955078125e-07f;  /* float32 eps: quantize._EPS */
+    int8_t *qx = malloc((size_t)n * cols);
+    float *xs = malloc(sizeof(float) * (size_t)n);
+    int32_t *zp = malloc(sizeof(int32_t) * (size_t)n);
+    if (!qx || !xs || !zp) { free(qx); free(xs); free(zp); return; }
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < n; t++) {
+            const float *xt = x + (size_t)t * cols;
+            float lo = 0.f, hi = 0.f;
+            for (int k = 0; k < cols; k++) { lo = xt[k] < lo ? xt[k] : lo; hi = xt[k] > hi ? xt[k] : hi; }
+            float s = (hi - lo) / 255.f;
+            s = s > eps ? s : eps;
+            float z = -128.f - nearbyintf(lo / s);
+            z = z < -128.f ? -128.f : (z > 127.f ? 127.f : z);
+            const float inv = 1.f / s;
+            for (int k = 0; k < cols; k++) {
+                float q = nearbyintf(xt[k] * inv) + z;
+                qx[(size_t)t * cols + k] = (int8_t)(q < -128.f ? -128.f : (q > 127.f ? 127.f : q));
+            }
+            xs[t] = s;
+            zp[t] = (int32_t)z;
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            const int8_t *wr = w + (size_t)r * cols;
+            for (int t = 0; t < n; t++) {
+                const int8_t *qt = qx + (size_t)t * cols;
+                int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+                for (int k = 0; k < cols; k++) acc += (int32_t)wr[k] * (int32_t)qt[k];
+                y[(size_t)t * rows + r] = wscale[r] * xs[t] * (float)(acc - zp[t] * wsum[r]);
+            }
+        }
+    }
+    free(qx); free(xs); free(zp);
+}
