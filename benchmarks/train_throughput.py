@@ -42,6 +42,11 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda")
     cfg = get_preset(args.preset)
+    if args.override:  # any shape: --override dim=256 n_layers=28 ...
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in
+                                          (item.split("=", 1) for item in args.override)})
     T, micro, accum = args.seq_len, args.micro_batch, args.global_batch // args.micro_batch
     data = torch.randint(0, cfg.vocab_size, (accum * micro, T + 1), device=device)
 
@@ -62,12 +67,20 @@ def worker(args) -> dict:
         model.activation_checkpointing = args.ac
         loss_module = CausalLMLoss(model, args.loss_chunk, torch.bfloat16)
         model.residual_dtype = torch.bfloat16  # the trainer's default under bf16 (run.fp32_residual: false)
-        for block in model.layers:
-            block.compile()
+        if "graphs" in variant:  # the whole forward as one compiled graph replayed as CUDA graphs
+            compiled_loss = torch.compile(loss_module, mode="reduce-overhead")
+        elif "whole" in variant:  # the whole forward as one compiled graph, kernels launched one by one
+            compiled_loss = torch.compile(loss_module)
+        else:
+            for block in model.layers:
+                block.compile()
+            compiled_loss = loss_module
         optimizer = build_optimizer(model, TrainConfig(), 1e-3, device)
 
         def forward_loss(x, y):
-            return loss_module(x, y)
+            if "graphs" in variant:
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled_loss(x, y)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -122,7 +135,8 @@ def worker(args) -> dict:
     peak = measure_peak_tflops(device)
     flops = 3 * cfg.flops_per_token(T)
     return {
-        "impl": args.worker if args.worker == "hf" else f"ours ({args.variant})", "preset": args.preset,
+        "impl": args.worker if args.worker == "hf" else f"ours ({args.variant})",
+        "preset": args.preset + (f" {cfg.n_layers}x{cfg.dim}" if args.override else ""),
         "micro_batch": micro, "grad_accum": accum, "ac": args.ac,
         "tok_s": tok_s, "step_ms": 1000 * elapsed / args.steps, "mfu": tok_s * flops / (peak * 1e12),
         "peak_tflops": peak, "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -144,7 +158,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--loss-chunk", type=int, default=8192)
     p.add_argument("--variants", nargs="+", default=["default"],
-                   help="ours: default, flash, cdt, or flash+cdt")
+                   help="ours: default, flash, cdt, flash+cdt, whole (one compiled graph) or graphs "
+                        "(one graph replayed as CUDA graphs)")
+    p.add_argument("--override", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="model config fields applied to every preset, e.g. dim=256 n_layers=28")
     p.add_argument("--output", default=None, help="append JSON lines here")
     p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
@@ -169,7 +186,7 @@ def main() -> None:
             plan.append(("hf", args.baseline_micro_batch or args.global_batch, False, "default"))
         for impl, mb, ac, variant in plan:
             cmd = [sys.executable, __file__, "--worker", impl, "--preset", preset, "--micro-batch", str(mb),
-                   "--variant", variant,
+                   "--variant", variant, *(["--override", *args.override] if args.override else []),
                    "--seq-len", str(args.seq_len), "--global-batch", str(args.global_batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--loss-chunk", str(args.loss_chunk)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_AC": str(int(ac))})

@@ -140,3 +140,88 @@ def test_per_task_eval_limits(tmp_path, corpus):
     open(spec, "w").write(bad)
     with pytest.raises(MobileLLMError, match="does not list"):
         load_spec(spec)
+
+
+CURVE_TRAIN = """
+train:
+  data: {seq_len: 32}
+  batch: {micro_batch: 4}
+  optim: {lr: 0.01}
+  schedule: {kind: wsd, warmup_steps: 2, decay_fraction: 0.25}
+  run: {max_steps: 24, log_every: 1, eval_batches: 2, tensorboard: false, device: cpu}
+curve: {tokens: [1024, 2048], samples: 8}
+compare:
+  - {name: deep minus wide, a: deep-thin, b: shallow-wide}
+"""
+
+
+def curve_spec(tmp_path, corpus) -> str:
+    text = open(write_spec(tmp_path, corpus, tmp_path / "tok")).read()
+    start = text.index("train:")
+    end = text.index("eval:")
+    path = tmp_path / "curve.yaml"
+    path.write_text(text[:start] + CURVE_TRAIN.lstrip() + text[end:])
+    return str(path)
+
+
+def test_curve_points_are_annealed_branches(tmp_path, corpus):
+    """Each curve point is a decay branch: identical to a separate run of that many tokens."""
+    spec = curve_spec(tmp_path, corpus)
+    out = tmp_path / "study"
+    run_study(spec, out, only=["deep-thin"])
+    record = json.loads((out / "runs" / "deep-thin" / "eval.json").read_text())
+    tokens = [p["tokens"] for p in record["curve"]]
+    assert tokens == [1024, 2048, 24 * 4 * 32]
+    for point in record["curve"]:
+        assert point["val_bpb"] > 0 and point["train_loss"] > 0
+        assert point["gap"] == pytest.approx(point["val_loss"] - point["train_loss"])
+    # the main run kept the checkpoints the branches started from; weights of branches are gone
+    kept = sorted(p.name for p in (out / "runs" / "deep-thin" / "checkpoints").iterdir())
+    assert "step-00000006" in kept and "step-00000012" in kept  # 8 steps decay from 6, 16 from 12
+    assert not (out / "runs" / "deep-thin" / "branches" / "tokens-1024" / "final").exists()
+    # a separate 8-step run with the same recipe scores the same model as the 1024-token branch
+    from mobilellm import study as study_mod
+    from mobilellm.train.trainer import train
+
+    spec_obj = study_mod.load_spec(spec)
+    variant = spec_obj.variants[0]
+    cfg = study_mod.variant_config(spec_obj, variant, None, out / "data", tmp_path / "separate")
+    cfg.run.max_steps, cfg.run.keep_steps = 8, []
+    result = train(cfg, progress=False)
+    separate = study_mod.study_curve.score_dir(result.final_dir, out / "data", 32, 8, "cpu")
+    assert separate["val_loss"] == pytest.approx(record["curve"][0]["val_loss"], abs=1e-4)
+
+
+def test_partial_study_folders_merge_into_the_full_table(tmp_path, corpus):
+    spec = curve_spec(tmp_path, corpus)
+    full = run_study(spec, tmp_path / "full")
+    run_study(spec, tmp_path / "job-a", only=["deep-thin"])
+    run_study(spec, tmp_path / "job-b", only=["shallow-wide"])
+    proc = run_cli("study", spec, "--out", tmp_path / "merged", "--merge", tmp_path / "job-a", tmp_path / "job-b",
+                   check=True)
+    assert "merged 2 run(s)" in proc.stdout
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+
+    def strip(records):  # timings and hardware differ between runs; every result must not
+        keep = ("run", "params", "non_embedding_params", "steps", "tokens", "final_train_loss", "results", "curve")
+        out = [{k: r[k] for k in keep} for r in records]
+        for r in out:
+            r["results"] = {t: {k: v for k, v in res.items() if k != "seconds"} for t, res in r["results"].items()}
+        return sorted(out, key=lambda r: r["run"])
+
+    assert strip(merged["runs"]) == strip(full["records"])
+    assert merged["gaps"][0]["points"] and len(merged["gaps"][0]["points"]) == 3
+    assert "deep minus wide" in (tmp_path / "merged" / "results.md").read_text()
+    for png in ("loss_vs_tokens.png", "gaps.png"):
+        assert (tmp_path / "merged" / png).read_bytes()[:4] == b"\x89PNG"
+    # a merge that finds nothing names what is missing instead of training it
+    proc = run_cli("study", spec, "--out", tmp_path / "empty", "--merge", tmp_path / "job-a", check=True)
+    assert "not in the table (no results yet): shallow-wide" in proc.stdout
+
+
+def test_curve_point_after_the_main_decay_is_refused(tmp_path, corpus):
+    spec = curve_spec(tmp_path, corpus)
+    text = open(spec).read().replace("tokens: [1024, 2048]", "tokens: [1024, 3072]")
+    open(spec, "w").write(text)
+    with pytest.raises(MobileLLMError, match="before the main run's decay"):
+        run_study(spec, tmp_path / "bad")

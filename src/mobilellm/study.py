@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from mobilellm import study_curve
 from mobilellm.errors import MobileLLMError
 from mobilellm.fileio import atomic_path, write_json_atomic, write_text_atomic
 from mobilellm.sysinfo import hardware
@@ -64,6 +65,8 @@ class StudySpec:
     eval: dict = field(default_factory=lambda: {"tasks": ["val"]})
     param_budget: dict | None = None  # {target: int, tolerance: 0.1}
     description: str = ""
+    curve: dict | None = None  # {tokens: [...], samples: N}: annealed points below the full run (study_curve)
+    compare: list = field(default_factory=list)  # [{name, a, b}]: a's loss minus b's at every curve point
 
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -88,7 +91,8 @@ def load_spec(path: str | Path) -> StudySpec:
         raw = expand(yaml.safe_load(p.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError as err:
         raise MobileLLMError(f"study spec {p} is not valid YAML ({str(err).splitlines()[0]})") from None
-    known = {"name", "description", "variants", "train", "data", "prepare", "eval", "param_budget"}
+    known = {"name", "description", "variants", "train", "data", "prepare", "eval", "param_budget", "curve",
+             "compare"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise MobileLLMError(f"study spec {p}: unknown keys {unknown}; known keys are {sorted(known)}")
@@ -113,10 +117,21 @@ def load_spec(path: str | Path) -> StudySpec:
     names = [n for v in variants for n, _ in v.runs()]
     if len(set(names)) != len(names):
         raise MobileLLMError(f"study spec {p}: variant names must be unique")
+    curve = raw.get("curve")
+    if curve is not None and (not isinstance(curve, dict) or set(curve) - {"tokens", "samples"}
+                              or not isinstance(curve.get("tokens", []), list)):
+        raise MobileLLMError(f"study spec {p}: curve takes tokens (a list of token counts) and samples")
+    compare = raw.get("compare") or []
+    for item in compare:
+        if not isinstance(item, dict) or set(item) != {"name", "a", "b"}:
+            raise MobileLLMError(f"study spec {p}: every compare entry needs exactly name, a and b, got {item!r}")
+        missing = {item["a"], item["b"]} - {v.name for v in variants}
+        if missing:
+            raise MobileLLMError(f"study spec {p}: compare {item['name']!r} names unknown variants {sorted(missing)}")
     return StudySpec(name=str(raw.get("name") or p.stem), description=raw.get("description", ""),
                      variants=variants, train=raw.get("train") or {}, data=raw.get("data"),
                      prepare=raw.get("prepare"), eval=evaluation,
-                     param_budget=raw.get("param_budget"))
+                     param_budget=raw.get("param_budget"), curve=curve, compare=compare)
 
 
 def _overrides(sections: dict) -> list[str]:
@@ -146,6 +161,8 @@ def variant_config(spec: StudySpec, variant: Variant, seed: int | None, data_dir
         items.append(f"run.seed={seed}")
     cfg = train_config.load(None, items)
     cfg.validate()
+    if spec.curve:  # the main run keeps a checkpoint where each decay branch starts
+        cfg.run.keep_steps = [b.start_step for b in study_curve.plan_branches(cfg, spec.curve.get("tokens", []))]
     return cfg
 
 
@@ -206,7 +223,15 @@ def run_variant(spec: StudySpec, variant: Variant, run_name: str, cfg, data_dir:
     import torch
 
     use_cuda = cfg.run.device in ("auto", "cuda") and torch.cuda.is_available()
-    model = load_model_dir(result.final_dir, device="cuda" if use_cuda else "cpu")
+    device = "cuda" if use_cuda else "cpu"
+    curve = []
+    if spec.curve:
+        samples = int(spec.curve.get("samples", 200))
+        branches = study_curve.plan_branches(cfg, spec.curve.get("tokens", []))
+        curve = study_curve.run_branches(cfg, branches, data_dir, samples, device)
+        curve.append({"tokens": result.tokens, "steps": result.steps,
+                      **study_curve.score_dir(result.final_dir, data_dir, cfg.data.seq_len, samples, device)})
+    model = load_model_dir(result.final_dir, device=device)
     ev = spec.eval
     started, results = time.perf_counter(), {}
     for tasks, limit in _eval_groups(ev):
@@ -217,13 +242,14 @@ def run_variant(spec: StudySpec, variant: Variant, run_name: str, cfg, data_dir:
     mc = model.config
     record = {
         "run": run_name, "variant": variant.name, "seed": cfg.run.seed, "params": mc.num_params(),
+        "non_embedding_params": mc.num_params() - mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2),
         "dim": mc.dim, "layers": mc.n_layers, "logical_layers": mc.n_logical_layers, "heads": mc.n_heads,
         "kv_heads": mc.n_kv_heads, "ffn": mc.ffn_dim, "ffn_type": mc.ffn_type, "tied": mc.tie_embeddings,
         "sharing": mc.layer_sharing if mc.layer_sharing == "none" else f"{mc.layer_sharing}x{mc.share_repeats}",
         "steps": result.steps, "tokens": result.tokens, "train_seconds": round(train_s, 1),
         "eval_seconds": round(time.perf_counter() - started, 1),
         "final_train_loss": result.losses[-1][1] if result.losses else None,
-        "results": {task: results[task] for task in ev.get("tasks", ["val"])},
+        "results": {task: results[task] for task in ev.get("tasks", ["val"])}, "curve": curve,
         "hardware": hardware(), "code_version": code_version(),
     }
     write_json_atomic(done, record)
@@ -253,9 +279,16 @@ def headline(results: dict) -> dict:
 def table_rows(records: list[dict]) -> list[dict]:
     rows = []
     for r in records:
-        row = {k: r[k] for k in ("run", "params", "dim", "layers", "logical_layers", "heads", "kv_heads", "ffn",
-                                 "ffn_type", "tied", "sharing", "tokens", "train_seconds", "final_train_loss")}
+        row = {k: r.get(k) for k in ("run", "params", "non_embedding_params", "dim", "layers", "logical_layers",
+                                     "heads", "kv_heads", "ffn", "ffn_type", "tied", "sharing", "tokens",
+                                     "train_seconds", "final_train_loss")}
         row.update(headline(r["results"]))
+        if r.get("curve"):
+            final = r["curve"][-1]
+            row.update(val_bpb=final["val_bpb"], train_split_loss=final["train_loss"], gap=final["gap"])
+        for key in ("decode_ms_fp32", "decode_ms_int8"):  # joined by benchmarks/study_latency.py
+            if key in r:
+                row[key] = r[key]
         rows.append(row)
     return rows
 
@@ -268,11 +301,15 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_tables(rows: list[dict], out: Path, spec: StudySpec) -> str:
+def write_tables(rows: list[dict], out: Path, spec: StudySpec, gap_rows: list[dict] = ()) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     lines = [f"# Study: {spec.name}", "", spec.description.strip(), "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    for g in gap_rows:
+        if g["points"]:
+            lines += ["", f"{g['name']} ({g['a']} minus {g['b']}, held-out loss, nats; below zero: {g['a']} wins): "
+                      + ", ".join(f"{t / 1e6:g}M: {d:+.3f}" for t, d in g["points"])]
     markdown = "\n".join(lines) + "\n"
     write_text_atomic(out / "results.md", markdown)
     buf = io.StringIO()
@@ -299,7 +336,27 @@ def _curve(run_dir: Path) -> tuple[list, list, list, list]:
     return steps_t, loss_t, steps_v, loss_v
 
 
-def write_plots(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
+def mean_curves(records: list[dict]) -> dict:
+    """variant -> {tokens: (mean held-out loss over its seeds, spread max-min, n seeds)}."""
+    by_variant: dict = {}
+    for r in records:
+        for point in r.get("curve") or []:
+            by_variant.setdefault(r["variant"], {}).setdefault(point["tokens"], []).append(point["val_loss"])
+    return {v: {t: (sum(ls) / len(ls), max(ls) - min(ls), len(ls)) for t, ls in sorted(pts.items())}
+            for v, pts in by_variant.items()}
+
+
+def gaps(spec: StudySpec, records: list[dict]) -> list[dict]:
+    """For every `compare` entry: a's mean held-out loss minus b's at the token counts both have."""
+    curves, out = mean_curves(records), []
+    for item in spec.compare:
+        a, b = curves.get(item["a"], {}), curves.get(item["b"], {})
+        out.append({"name": item["name"], "a": item["a"], "b": item["b"],
+                    "points": [(t, a[t][0] - b[t][0]) for t in sorted(set(a) & set(b))]})
+    return out
+
+
+def write_plots(records: list[dict], rows: list[dict], out: Path, spec: StudySpec | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,6 +390,44 @@ def write_plots(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
     ax.set(xlabel="logical layers (depth)", ylabel="validation loss", title="Final validation loss vs depth")
     ax.grid(alpha=0.3)
     save(fig, "loss_vs_depth.png")
+
+    curves = mean_curves(records)
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for variant, points in curves.items():
+            tokens = list(points)
+            ax.errorbar(tokens, [points[t][0] for t in tokens], yerr=[points[t][1] / 2 for t in tokens],
+                        marker="o", label=variant, linewidth=1.2, capsize=2)
+        ax.set(xscale="log", xlabel="training tokens (each point an annealed model)", ylabel="held-out loss",
+               title="Held-out loss vs tokens (mean over seeds; bars: seed range)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "loss_vs_tokens.png")
+    found = [g for g in gaps(spec, records) if g["points"]] if spec else []
+    if found:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for g in found:
+            ax.plot([t for t, _ in g["points"]], [d for _, d in g["points"]], marker="o", label=g["name"])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set(xscale="log", xlabel="training tokens", ylabel="held-out loss difference (nats)",
+               title="Gaps (below zero: the first variant wins)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "gaps.png")
+    timed = [r for r in rows if r.get("decode_ms_fp32") is not None and r.get("val_loss") is not None]
+    if timed:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, marker in (("decode_ms_fp32", "o"), ("decode_ms_int8", "s")):
+            pts = [r for r in timed if r.get(key) is not None]
+            ax.scatter([r[key] for r in pts], [r["val_loss"] for r in pts], marker=marker,
+                       label=key.replace("decode_ms_", ""))
+            for r in pts:
+                ax.annotate(r["run"], (r[key], r["val_loss"]), fontsize=6)
+        ax.set(xlabel="decode ms/token (2-core CPU, native engine)", ylabel="held-out loss",
+               title="Quality against measured latency")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "pareto.png")
 
     metric = "zero_shot_avg" if any("zero_shot_avg" in r for r in rows) else (
         "lambada_acc" if any("lambada_acc" in r for r in rows) else "val_ppl")
@@ -472,24 +567,71 @@ def run_in_workers(jobs: list[Job], n_jobs: int) -> None:
 
 
 def report(spec: StudySpec, out: Path, jobs: list[Job]) -> dict:
-    records = [json.loads((j.run_dir / "eval.json").read_text()) for j in jobs]
+    missing = [j.run_name for j in jobs if not (j.run_dir / "eval.json").exists()]
+    if missing:
+        print(f"study: {spec.name}: not in the table (no results yet): {', '.join(missing)}")
+    records = [json.loads((j.run_dir / "eval.json").read_text()) for j in jobs if j.run_name not in missing]
+    latency = out / "latency.json"  # written by benchmarks/study_latency.py: {variant: {decode_ms_fp32: ...}}
+    if latency.exists():
+        measured = json.loads(latency.read_text())
+        for r in records:
+            r.update(measured.get(r["variant"], {}))
     rows = table_rows(records)
-    write_json_atomic(out / "results.json", {"study": spec.name, "runs": records})
-    markdown = write_tables(rows, out, spec)
-    plots = write_plots(records, rows, out)
+    write_json_atomic(out / "results.json", {"study": spec.name, "runs": records, "gaps": gaps(spec, records)})
+    markdown = write_tables(rows, out, spec, gaps(spec, records))
+    plots = write_plots(records, rows, out, spec)
     return {"out": out, "markdown": markdown, "plots": plots, "records": records}
 
 
-def run_study(spec_paths, out: str | Path | None = None, only: list[str] | None = None, jobs: int = 1) -> list[dict]:
+MERGED_FILES = ("eval.json", "metrics.jsonl", "config.yaml", "study.log")
+
+
+def merge_runs(planned: list[Job], sources: list) -> int:
+    """Copy finished runs' results (never weights) from other study output folders into this one.
+
+    A source is a spec's output folder or the parent of several (what `--out` got on another machine,
+    job or worker). Returns how many runs were copied; runs already here are kept.
+    """
+    copied = 0
+    for job in planned:
+        if (job.run_dir / "eval.json").exists():
+            continue
+        for source in map(Path, sources):
+            if not source.is_dir():
+                raise MobileLLMError(f"--merge {source}: no such folder")
+            found = next((c for c in (source / "runs" / job.run_name, source / job.spec.name / "runs" / job.run_name)
+                          if (c / "eval.json").is_file()), None)
+            if found is None:
+                continue
+            for path in [found / n for n in MERGED_FILES] + sorted(found.glob("branches/*/*")):
+                if path.is_file() and path.name in MERGED_FILES + ("point.json",):
+                    target = job.run_dir / path.relative_to(found)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(target) as tmp:
+                        shutil.copyfile(path, tmp)
+            copied += 1
+            break
+    return copied
+
+
+def run_study(spec_paths, out: str | Path | None = None, only: list[str] | None = None, jobs: int = 1,
+              merge: list | None = None) -> list[dict]:
     """Plan, prepare, train/evaluate (skipping finished and duplicate runs), then tabulate each spec.
 
-    Returns one result per spec: {out, markdown, plots, records}. A single spec path may be given as is.
+    `merge`: result folders of other jobs to combine instead of training; runs found in none of them
+    are left out of the table (and named). Returns one result per spec: {out, markdown, plots,
+    records}. A single spec path may be given as is.
     """
     if isinstance(spec_paths, (str, Path)):
-        return run_study([spec_paths], out, only, jobs)[0]
+        return run_study([spec_paths], out, only, jobs, merge)[0]
     if not isinstance(jobs, int) or jobs < 1:
         raise MobileLLMError(f"--jobs must be a positive integer, got {jobs!r}")
     planned = plan(spec_paths, out, only)
+    if merge:
+        print(f"study: merged {merge_runs(planned, merge)} run(s) from {len(merge)} folder(s)")
+        return [report(group[0].spec, spec_out, group)
+                for spec_out in dict.fromkeys(j.out for j in planned)
+                for group in [[j for j in planned if j.out == spec_out]]]
     prepare_all(planned)
     first: dict[str, Job] = {}
     duplicates = []

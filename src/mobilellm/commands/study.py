@@ -11,7 +11,8 @@ def run(args) -> int:
     if args.worker:
         study.run_one(args.spec[0], args.worker, args.data_dir, args.out)
         return 0
-    results = study.run_study(args.spec, args.out, args.only.split(",") if args.only else None, jobs=args.jobs)
+    results = study.run_study(args.spec, args.out, args.only.split(",") if args.only else None, jobs=args.jobs,
+                              merge=args.merge)
     for result in results:
         print(result["markdown"])
         print(f"results: {result['out']}/results.md, .csv, .json; plots: "
@@ -27,6 +28,8 @@ def register(sub) -> None:
                    help="output folder (default: runs/study/<name>; with several specs, their parent folder)")
     p.add_argument("--only", default=None, help="comma-separated variant or run names to run")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, in worker processes")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="combine the results of other jobs' --out folders into one table and plots (no training)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)

@@ -83,6 +83,7 @@ class RunSection:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
     milestone_every: int = 0  # checkpoints kept forever every N steps (0: none)
+    keep_steps: list = field(default_factory=list)  # steps also saved and kept forever (study decay branches)
     max_bad_steps: int = 5  # consecutive non-finite losses skipped before stopping
     tensorboard: bool = True
     peak_tflops: float | None = None  # for MFU; None: measured on GPU at start
@@ -126,6 +127,9 @@ class TrainConfig:
             raise MobileLLMError(f"run.precision must be auto, fp32 or bf16, got {self.run.precision!r}")
         if self.run.max_steps is None and self.run.max_tokens is None and self.run.epochs is None:
             raise MobileLLMError("set run.max_steps, run.max_tokens or run.epochs")
+        keep = self.run.keep_steps
+        if not isinstance(keep, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in keep):
+            raise MobileLLMError(f"run.keep_steps must be a list of positive step numbers, got {keep!r}")
         if not self.data.train:
             raise MobileLLMError("data.train is empty: give one or more prepared dataset directories (mobilellm prepare)")
         for key, value, ok, rule in self._ranges():

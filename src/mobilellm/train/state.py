@@ -102,7 +102,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, write_model, trainer_state: dict, keep_last: int, milestone_every: int) -> Path:
+def save(run_dir: Path, step: int, write_model, trainer_state: dict, keep_last: int, milestone_every: int,
+         keep_steps=()) -> Path:
     """Write checkpoint `step` atomically, then prune this run's old ones (keep-last-N plus milestones).
 
     write_model(directory) writes the model directory into the given folder. Checkpoints of other
@@ -119,7 +120,7 @@ def save(run_dir: Path, step: int, write_model, trainer_state: dict, keep_last: 
     ours = [(s, p) for s, p in checkpoints(run_dir) if run_id_of(p) == trainer_state["run_id"]]
     recent = {s for s, _ in ours[-keep_last:]} if keep_last > 0 else set()
     for s, path in ours:
-        milestone = milestone_every > 0 and s % milestone_every == 0
+        milestone = (milestone_every > 0 and s % milestone_every == 0) or s in keep_steps
         if s not in recent and not milestone:
             shutil.rmtree(path, ignore_errors=True)
     return target

@@ -387,7 +387,7 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
                              "model_config": model_cfg.to_dict(), "world_size": env.world_size,
                              "run_id": run_id, "skipped_steps": skipped}
             run_state.save(run_dir, step, model_writer(model_state), trainer_state, cfg.run.keep_last,
-                           cfg.run.milestone_every)
+                           cfg.run.milestone_every, set(cfg.run.keep_steps))
         env.barrier()
 
     def write_final_model() -> None:
@@ -471,7 +471,8 @@ def _train(cfg: TrainConfig, env: Dist, resume: str | None, progress: bool, data
                 if val_loss is not None:
                     log.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
             # no periodic saves inside a run of skipped steps: they could rotate out the good ones
-            if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total_steps and bad_steps == 0:
+            periodic = cfg.run.save_every and step % cfg.run.save_every == 0
+            if (periodic or step in cfg.run.keep_steps) and step < total_steps and bad_steps == 0:
                 save_checkpoint()
                 last_saved = step
     except KeyboardInterrupt:
