@@ -15,7 +15,7 @@ FLOORS = [
     {"checkpoint"},
     {"data", "inference", "export"},
     {"train"},
-    {"eval"},
+    {"eval", "study_curve"},
     {"finetune", "study", "quickstart", "bench", "info", "serve"},
     {"commands", "cli", "__main__"},
 ]
