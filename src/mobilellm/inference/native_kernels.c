@@ -273,24 +273,39 @@ static void quantize_row(const float *x, int cols, uint8_t *u, float *scale, int
    j + 16 (high nibble), two's complement; unpacking is a mask and a shift, no shuffles. */
 static inline int nibble(uint8_t b, int high) { return (((high ? b >> 4 : b) & 15) ^ 8) - 8; }
 
-static int32_t dot_i8_scalar(const uint8_t *u, const int8_t *w, int n) {
-    int32_t acc = 0;
-    for (int k = 0; k < n; k++) acc += (int32_t)u[k] * w[k];
-    return acc;
+/* Each kernel takes 4 rows at once (w[0..3], s[0..3]: their weights and int4 scales; a tail of fewer
+   rows repeats the last one): 4 independent sums hide the dot-product instructions' latency, and each
+   activation vector loaded feeds 4 rows. */
+
+static void dot4_i8_scalar(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
+    for (int i = 0; i < 4; i++) {
+        int32_t acc = 0;
+        for (int k = 0; k < n; k++) acc += (int32_t)u[k] * w[i][k];
+        out[i] = acc;
+    }
 }
 
-static float dot_i4_scalar(const uint8_t *u, const uint8_t *w, const float *s, int groups) {
-    float acc = 0.f;
-    for (int g = 0; g < groups; g++) {
-        int32_t sum = 0;
-        for (int j = 0; j < 16; j++)
-            sum += (int32_t)u[32 * g + j] * nibble(w[16 * g + j], 0) + (int32_t)u[32 * g + 16 + j] * nibble(w[16 * g + j], 1);
-        acc += s[g] * (float)sum;
+static void dot4_i4_scalar(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
+    for (int i = 0; i < 4; i++) {
+        float acc = 0.f;
+        for (int g = 0; g < groups; g++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 16; j++)
+                sum += (int32_t)u[32 * g + j] * nibble(w[i][16 * g + j], 0) +
+                       (int32_t)u[32 * g + 16 + j] * nibble(w[i][16 * g + j], 1);
+            acc += s[i][g] * (float)sum;
+        }
+        out[i] = acc;
     }
-    return acc;
 }
 
 #if defined(__x86_64__)
+/* 4 rows read side by side are 4 streams to the hardware prefetcher, which then falls behind at
+   batch 1 (weights streamed from DRAM): fetch PREFETCH_BYTES ahead explicitly (measured: int8
+   decode ~10% faster than one row at a time, where without it it was ~20% slower) */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 8192
+#endif
 #define AVX2 __attribute__((target("avx2,fma")))
 #define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vnni")))
 
@@ -306,17 +321,22 @@ static AVX2 inline float hsum8f(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
-/* 16 u8 x 16 s8 -> 8 int32 pair sums: widened to int16 and multiplied exactly (maddubs would
-   saturate at 255 * 127 * 2) */
-static AVX2 inline __m256i madd16(const uint8_t *u, __m128i w) {
-    return _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)u)), _mm256_cvtepi8_epi16(w));
-}
+/* u8 x s8 products widened to int16 and summed in pairs exactly (maddubs would saturate at
+   255 * 127 * 2): 16 activations (as int16) times 16 weights -> 8 int32 */
+static AVX2 inline __m256i madd16(__m256i x16, __m128i w) { return _mm256_madd_epi16(x16, _mm256_cvtepi8_epi16(w)); }
 
-static AVX2 int32_t dot_i8_avx2(const uint8_t *u, const int8_t *w, int n) {
-    __m256i acc = _mm256_setzero_si256();
+static AVX2 inline __m256i widen16(const uint8_t *u) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)u)); }
+
+static AVX2 void dot4_i8_avx2(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
     int k = 0;
-    for (; k + 16 <= n; k += 16) acc = _mm256_add_epi32(acc, madd16(u + k, _mm_loadu_si128((const __m128i *)(w + k))));
-    return hsum8(acc) + dot_i8_scalar(u + k, w + k, n - k);
+    for (; k + 16 <= n; k += 16) {
+        const __m256i x = widen16(u + k);
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_add_epi32(acc[i], madd16(x, _mm_loadu_si128((const __m128i *)(w[i] + k))));
+    }
+    const int8_t *tail[4] = {w[0] + k, w[1] + k, w[2] + k, w[3] + k};
+    dot4_i8_scalar(u + k, tail, n - k, out);
+    for (int i = 0; i < 4; i++) out[i] += hsum8(acc[i]);
 }
 
 /* 16 packed bytes -> the group's 32 values: low nibbles then high nibbles, sign-extended */
@@ -326,43 +346,65 @@ static AVX2 inline void unpack_group(const uint8_t *w, __m128i *lo, __m128i *hi)
     *hi = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m), eight), eight);
 }
 
-static AVX2 float dot_i4_avx2(const uint8_t *u, const uint8_t *w, const float *s, int groups) {
-    __m256 acc = _mm256_setzero_ps();
+static AVX2 void dot4_i4_avx2(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int g = 0; g < groups; g++) {
-        __m128i lo, hi;
-        unpack_group(w + 16 * g, &lo, &hi);
-        const __m256i sum = _mm256_add_epi32(madd16(u + 32 * g, lo), madd16(u + 32 * g + 16, hi));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(s[g]), acc);
+        const __m256i xlo = widen16(u + 32 * g), xhi = widen16(u + 32 * g + 16);
+        for (int i = 0; i < 4; i++) {
+            __m128i lo, hi;
+            unpack_group(w[i] + 16 * g, &lo, &hi);
+            const __m256i sum = _mm256_add_epi32(madd16(xlo, lo), madd16(xhi, hi));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(s[i][g]), acc[i]);
+        }
     }
-    return hsum8f(acc);
+    for (int i = 0; i < 4; i++) out[i] = hsum8f(acc[i]);
 }
 
-static VNNI int32_t dot_i8_vnni(const uint8_t *u, const int8_t *w, int n) {
-    __m512i acc = _mm512_setzero_si512();
+static VNNI void dot4_i8_vnni(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     int k = 0;
-    for (; k + 64 <= n; k += 64)
-        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(u + k), _mm512_loadu_si512(w + k));
-    return _mm512_reduce_add_epi32(acc) + dot_i8_avx2(u + k, w + k, n - k);
+    for (; k + 64 <= n; k += 64) {
+        const __m512i x = _mm512_loadu_si512(u + k);
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(w[i] + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            acc[i] = _mm512_dpbusd_epi32(acc[i], x, _mm512_loadu_si512(w[i] + k));
+        }
+    }
+    const int8_t *tail[4] = {w[0] + k, w[1] + k, w[2] + k, w[3] + k};
+    dot4_i8_avx2(u + k, tail, n - k, out);
+    for (int i = 0; i < 4; i++) out[i] += _mm512_reduce_add_epi32(acc[i]);
 }
 
 /* two groups per step: their 32 packed bytes unpack to [lo0 lo1 hi0 hi1] (16-byte lanes), reordered
    to the activations' order [lo0 hi0 lo1 hi1]; int32 lanes 0-7 are group g, lanes 8-15 group g + 1 */
-static VNNI float dot_i4_vnni(const uint8_t *u, const uint8_t *w, const float *s, int groups) {
-    const __m256i m = _mm256_set1_epi8(15);
+static VNNI inline __m512i unpack_pair(const uint8_t *w) {
+    const __m256i m = _mm256_set1_epi8(15), b = _mm256_loadu_si256((const __m256i *)w);
+    const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    v = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
     const __m512i eight = _mm512_set1_epi8(8);
-    __m512 acc = _mm512_setzero_ps();
+    return _mm512_sub_epi8(_mm512_xor_si512(v, eight), eight);
+}
+
+static VNNI void dot4_i4_vnni(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     int g = 0;
     for (; g + 2 <= groups; g += 2) {
-        const __m256i b = _mm256_loadu_si256((const __m256i *)(w + 16 * g));
-        const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
-        __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        v = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
-        v = _mm512_sub_epi8(_mm512_xor_si512(v, eight), eight);
-        const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + 32 * g), v);
-        const __m512 scale = _mm512_mask_mov_ps(_mm512_set1_ps(s[g]), 0xFF00, _mm512_set1_ps(s[g + 1]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
+        const __m512i x = _mm512_loadu_si512(u + 32 * g);
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(w[i] + 16 * g) + PREFETCH_BYTES, _MM_HINT_T0);
+            const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, unpack_pair(w[i] + 16 * g));
+            const __m512 scale = _mm512_mask_mov_ps(_mm512_set1_ps(s[i][g]), 0xFF00, _mm512_set1_ps(s[i][g + 1]));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i]);
+        }
     }
-    return _mm512_reduce_add_ps(acc) + (g < groups ? dot_i4_avx2(u + 32 * g, w + 16 * g, s + g, groups - g) : 0.f);
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    if (g < groups) {
+        const uint8_t *wt[4] = {w[0] + 16 * g, w[1] + 16 * g, w[2] + 16 * g, w[3] + 16 * g};
+        const float *st[4] = {s[0] + g, s[1] + g, s[2] + g, s[3] + g};
+        dot4_i4_avx2(u + 32 * g, wt, st, groups - g, tail);
+    }
+    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + tail[i];
 }
 #endif
 
@@ -382,44 +424,57 @@ int mobilellm_isa(int force) {
     return isa;
 }
 
-static int32_t dot_i8(const uint8_t *u, const int8_t *w, int n) {
+static void dot4_i8(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
 #if defined(__x86_64__)
-    if (isa == ISA_VNNI) return dot_i8_vnni(u, w, n);
-    if (isa == ISA_AVX2) return dot_i8_avx2(u, w, n);
+    if (isa == ISA_VNNI) return dot4_i8_vnni(u, w, n, out);
+    if (isa == ISA_AVX2) return dot4_i8_avx2(u, w, n, out);
 #endif
-    return dot_i8_scalar(u, w, n);
+    dot4_i8_scalar(u, w, n, out);
 }
 
-static float dot_i4(const uint8_t *u, const uint8_t *w, const float *s, int groups) {
+static void dot4_i4(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
 #if defined(__x86_64__)
-    if (isa == ISA_VNNI) return dot_i4_vnni(u, w, s, groups);
-    if (isa == ISA_AVX2) return dot_i4_avx2(u, w, s, groups);
+    if (isa == ISA_VNNI) return dot4_i4_vnni(u, w, s, groups, out);
+    if (isa == ISA_AVX2) return dot4_i4_avx2(u, w, s, groups, out);
 #endif
-    return dot_i4_scalar(u, w, s, groups);
+    dot4_i4_scalar(u, w, s, groups, out);
 }
 
 /* The integer version of matmul below (same contract): activations quantized once, shared by the
    threads; then every (row, token) is one integer dot product, so a token's result never depends
-   on the other tokens of the call. */
+   on the other tokens of the call (nor on which rows share its 4-row step: rows are independent). */
 static void matmul_int(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, const QActs *qa) {
-    const int cols = m->cols;
+    const int cols = m->cols, groups = cols / 32;
 #pragma omp for schedule(static)
     for (int t = 0; t < n; t++)
         quantize_row(x + (size_t)t * ldx, cols, qa->q + (size_t)t * qa->ld, qa->scale + t, qa->zero + t);
 #pragma omp for schedule(static)
-    for (int r = 0; r < m->rows; r++) {
+    for (int r0 = 0; r0 < m->rows; r0 += 4) {
+        const int nr = m->rows - r0 < 4 ? m->rows - r0 : 4;
+        int r[4];
+        for (int i = 0; i < 4; i++) r[i] = r0 + (i < nr ? i : nr - 1);
         for (int t = 0; t < n; t++) {
             const uint8_t *u = qa->q + (size_t)t * qa->ld;
-            float v;
+            float v[4];
             if (m->type == W_I8) {
-                const int32_t acc = dot_i8(u, (const int8_t *)m->data + (size_t)r * cols, cols);
-                v = m->scale[r] * qa->scale[t] * (float)(acc - qa->zero[t] * ((const int32_t *)m->aux)[r]);
+                const int8_t *w[4];
+                int32_t acc[4];
+                for (int i = 0; i < 4; i++) w[i] = (const int8_t *)m->data + (size_t)r[i] * cols;
+                dot4_i8(u, w, cols, acc);
+                for (int i = 0; i < 4; i++)
+                    v[i] = m->scale[r[i]] * qa->scale[t] * (float)(acc[i] - qa->zero[t] * ((const int32_t *)m->aux)[r[i]]);
             } else {
-                const int groups = cols / 32;
-                const float acc = dot_i4(u, (const uint8_t *)m->data + (size_t)r * (cols / 2), m->scale + (size_t)r * groups, groups);
-                v = qa->scale[t] * (acc - (float)qa->zero[t] * ((const float *)m->aux)[r]);
+                const uint8_t *w[4];
+                const float *s[4];
+                float acc[4];
+                for (int i = 0; i < 4; i++) {
+                    w[i] = (const uint8_t *)m->data + (size_t)r[i] * (cols / 2);
+                    s[i] = m->scale + (size_t)r[i] * groups;
+                }
+                dot4_i4(u, w, s, groups, acc);
+                for (int i = 0; i < 4; i++) v[i] = qa->scale[t] * (acc[i] - (float)qa->zero[t] * ((const float *)m->aux)[r[i]]);
             }
-            put(y + (size_t)t * ldy + r, v, add);
+            for (int i = 0; i < nr; i++) put(y + (size_t)t * ldy + r0 + i, v[i], add);
         }
     }
 }
