@@ -149,13 +149,13 @@ def integer_isa(force: str | None = None) -> str:
 
 def integer_weights(data: torch.Tensor, scale: torch.Tensor, precision: str) -> list[torch.Tensor]:
     """(data, scale, aux) as native_kernels.c reads int8 / int4 matrices, from layout.Matrix.converted:
-    int8 rows and their int32 sums; int4 values packed two per byte (value j and j + 16 of each group
-    of 32 in one byte) with each row's fp32 sum of dequantized weights."""
+    int8 rows and their int32 sums; int4 values + 8 packed two per byte (value j and j + 16 of each
+    group of 32 in one byte) with each row's fp32 sum of dequantized weights."""
     q = data.to(torch.int8)
     if precision == "int8":
         return [q.contiguous(), scale.float().reshape(-1).contiguous(), q.to(torch.int32).sum(1, dtype=torch.int32)]
     rows, cols = q.shape
-    nib = (q.to(torch.int16) & 15).to(torch.uint8).view(rows, cols // 32, 2, 16)
+    nib = (q.to(torch.int16) + 8).to(torch.uint8).view(rows, cols // 32, 2, 16)  # [-8, 7] stored as [0, 15]
     packed = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(rows, cols // 2)
     scale = scale.float().contiguous()
     row_sum = (q.double().view(rows, cols // 32, 32).sum(-1) * scale.double()).sum(1).float()

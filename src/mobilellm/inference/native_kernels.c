@@ -270,8 +270,8 @@ static void quantize_row(const float *x, int cols, uint8_t *u, float *scale, int
 }
 
 /* int4 weights: group g of a row (32 values) is 16 bytes, byte j = value j (low nibble) and value
-   j + 16 (high nibble), two's complement; unpacking is a mask and a shift, no shuffles. */
-static inline int nibble(uint8_t b, int high) { return (((high ? b >> 4 : b) & 15) ^ 8) - 8; }
+   j + 16 (high nibble), each stored as value + 8 in [0, 15]; unpacking is a mask and a shift. */
+static inline int nibble(uint8_t b, int high) { return ((high ? b >> 4 : b) & 15) - 8; }
 
 /* Each kernel takes 4 rows at once (w[0..3], s[0..3]: their weights and int4 scales; a tail of fewer
    rows repeats the last one): 4 independent sums hide the dot-product instructions' latency, and each
@@ -339,11 +339,11 @@ static AVX2 void dot4_i8_avx2(const uint8_t *u, const int8_t *const *w, int n, i
     for (int i = 0; i < 4; i++) out[i] += hsum8(acc[i]);
 }
 
-/* 16 packed bytes -> the group's 32 values: low nibbles then high nibbles, sign-extended */
+/* 16 packed bytes -> the group's 32 values: low nibbles then high nibbles, less 8 */
 static AVX2 inline void unpack_group(const uint8_t *w, __m128i *lo, __m128i *hi) {
     const __m128i b = _mm_loadu_si128((const __m128i *)w), m = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    *lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(b, m), eight), eight);
-    *hi = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m), eight), eight);
+    *lo = _mm_sub_epi8(_mm_and_si128(b, m), eight);
+    *hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m), eight);
 }
 
 static AVX2 void dot4_i4_avx2(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
@@ -376,14 +376,13 @@ static VNNI void dot4_i8_vnni(const uint8_t *u, const int8_t *const *w, int n, i
 }
 
 /* two groups per step: their 32 packed bytes unpack to [lo0 lo1 hi0 hi1] (16-byte lanes), reordered
-   to the activations' order [lo0 hi0 lo1 hi1]; int32 lanes 0-7 are group g, lanes 8-15 group g + 1 */
+   to the activations' order [lo0 hi0 lo1 hi1]; int32 lanes 0-7 are group g, lanes 8-15 group g + 1.
+   The values stay + 8 (unsigned nibbles): the sums start from -8 * (the activations' sums) instead. */
 static VNNI inline __m512i unpack_pair(const uint8_t *w) {
     const __m256i m = _mm256_set1_epi8(15), b = _mm256_loadu_si256((const __m256i *)w);
     const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
-    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    v = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
-    const __m512i eight = _mm512_set1_epi8(8);
-    return _mm512_sub_epi8(_mm512_xor_si512(v, eight), eight);
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
 }
 
 static VNNI void dot4_i4_vnni(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
@@ -391,9 +390,10 @@ static VNNI void dot4_i4_vnni(const uint8_t *u, const uint8_t *const *w, const f
     int g = 0;
     for (; g + 2 <= groups; g += 2) {
         const __m512i x = _mm512_loadu_si512(u + 32 * g);
+        const __m512i start = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi8(-8));
         for (int i = 0; i < 4; i++) {
             _mm_prefetch((const char *)(w[i] + 16 * g) + PREFETCH_BYTES, _MM_HINT_T0);
-            const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, unpack_pair(w[i] + 16 * g));
+            const __m512i sum = _mm512_dpbusd_epi32(start, x, unpack_pair(w[i] + 16 * g));
             const __m512 scale = _mm512_mask_mov_ps(_mm512_set1_ps(s[i][g]), 0xFF00, _mm512_set1_ps(s[i][g + 1]));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i]);
         }
