@@ -406,6 +406,35 @@ static VNNI void dot4_i4_vnni(const uint8_t *u, const uint8_t *const *w, const f
     }
     for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + tail[i];
 }
+
+/* Prefill: the 4 rows' pairs of groups unpacked once into wu (row i at wu + i * ld, pair p at 64 p),
+   then dot4_i4_vnni's arithmetic on them for every token, without unpacking again. */
+static VNNI void unpack4_i4_vnni(const uint8_t *const *w, int groups, uint8_t *wu, int ld) {
+    for (int i = 0; i < 4; i++)
+        for (int g = 0; g + 2 <= groups; g += 2) _mm512_storeu_si512(wu + (size_t)i * ld + 32 * g, unpack_pair(w[i] + 16 * g));
+}
+
+static VNNI void dot4_i4u_vnni(const uint8_t *u, const uint8_t *wu, int ld, const uint8_t *const *w, const float *const *s,
+                               int groups, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int g = 0;
+    for (; g + 2 <= groups; g += 2) {
+        const __m512i x = _mm512_loadu_si512(u + 32 * g);
+        const __m512i start = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi8(-8));
+        for (int i = 0; i < 4; i++) {
+            const __m512i sum = _mm512_dpbusd_epi32(start, x, _mm512_loadu_si512(wu + (size_t)i * ld + 32 * g));
+            const __m512 scale = _mm512_mask_mov_ps(_mm512_set1_ps(s[i][g]), 0xFF00, _mm512_set1_ps(s[i][g + 1]));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i]);
+        }
+    }
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    if (g < groups) {
+        const uint8_t *wt[4] = {w[0] + 16 * g, w[1] + 16 * g, w[2] + 16 * g, w[3] + 16 * g};
+        const float *st[4] = {s[0] + g, s[1] + g, s[2] + g, s[3] + g};
+        dot4_i4_avx2(u + 32 * g, wt, st, groups - g, tail);
+    }
+    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + tail[i];
+}
 #endif
 
 static int isa = -1;  /* chosen on first use */
@@ -443,7 +472,8 @@ static void dot4_i4(const uint8_t *u, const uint8_t *const *w, const float *cons
 /* The integer version of matmul below (same contract): activations quantized once, shared by the
    threads; then every (row, token) is one integer dot product, so a token's result never depends
    on the other tokens of the call (nor on which rows share its 4-row step: rows are independent). */
-static void matmul_int(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, const QActs *qa) {
+static void matmul_int(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, const QActs *qa,
+                       uint8_t *buf) {
     const int cols = m->cols, groups = cols / 32;
 #pragma omp for schedule(static)
     for (int t = 0; t < n; t++)
@@ -471,7 +501,13 @@ static void matmul_int(const Matrix *m, const float *x, int ldx, int n, float *y
                     w[i] = (const uint8_t *)m->data + (size_t)r[i] * (cols / 2);
                     s[i] = m->scale + (size_t)r[i] * groups;
                 }
-                dot4_i4(u, w, s, groups, acc);
+#if defined(__x86_64__)
+                if (isa == ISA_VNNI && n > 1) {  /* buf: 4 unpacked rows of `cols` bytes */
+                    if (t == 0) unpack4_i4_vnni(w, groups, buf, cols);
+                    dot4_i4u_vnni(u, buf, cols, w, s, groups, acc);
+                } else
+#endif
+                    dot4_i4(u, w, s, groups, acc);
                 for (int i = 0; i < 4; i++) v[i] = qa->scale[t] * (acc[i] - (float)qa->zero[t] * ((const float *)m->aux)[r[i]]);
             }
             for (int i = 0; i < nr; i++) put(y + (size_t)t * ldy + r0 + i, v[i], add);
@@ -482,11 +518,12 @@ static void matmul_int(const Matrix *m, const float *x, int ldx, int n, float *y
 /* y[t, r] = (add ? y[t, r] : 0) + W[r] . x[t] for n tokens; rows split over the threads.
    Runs inside a parallel region and ends with its barrier; buf holds 4 rows of fp32 (and one more
    for the bf16 path). xb: scratch for bf16 activations where a prefill may use them, else NULL:
-   then bf16 weights multiply bf16-rounded activations. qa: scratch for integer weights' activations. */
+   then bf16 weights multiply bf16-rounded activations. qa: scratch for integer weights' activations
+   (and buf for unpacked int4 rows). */
 static void matmul(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, float *buf,
                    uint16_t *xb, const QActs *qa) {
     if (m->type == W_I8 || m->type == W_I4) {
-        matmul_int(m, x, ldx, n, y, ldy, add, qa);
+        matmul_int(m, x, ldx, n, y, ldy, add, qa, (uint8_t *)buf);
         return;
     }
     if (n == 1) {
