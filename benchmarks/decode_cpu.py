@@ -8,16 +8,17 @@ that transformers loads) and, for the layer-sharing overhead, as 125M-LS. Every 
 own subprocess, so peak RSS is its own: load + warm-up + timed run.
 
   transformers  LlamaForCausalLM.generate, greedy, fp32 (the baseline for "x HF")
-  ours          mobilellm.inference.Engine: fp32 / bf16 / fp16 / int8, native backend ("ours fp32") and the
+  ours          mobilellm.inference.Engine: fp32 / bf16 / fp16 / int8 / int4, native backend ("ours fp32") and the
                 torch backend ("ours fp32 torch": oneDNN / fbgemm kernels, eager or compiled)
-  llama.cpp     llama-cpp-python on GGUF files written by mobilellm.export.gguf (F32 / F16 / Q8_0);
+  llama.cpp     llama-cpp-python on GGUF files written by mobilellm.export.gguf (F32 / F16 / Q8_0 / Q4_0);
                 runs when a Python with `llama_cpp` and the exporter is found (--llama-python, or the
                 project's export virtual environment); needs a tokenizer with all byte tokens in the
                 model directory (the LLaMA-2 tokenizer.model from the shared data), else "not run".
 
 Decode tok/s = (new tokens - 1) / time from the first generated token to the last (prefill excluded);
 greedy, never stopping early. Prints a markdown table with ratios to transformers and to llama.cpp at
-the matching precision (fp32~F32, fp16 and bf16~F16, int8~Q8_0).
+the matching precision (fp32~F32, fp16 and bf16~F16, int8~Q8_0, int4~Q4_0), and the layer-sharing
+overhead (125M-LS against 125M) at fp32, int8 and int4.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
-MATCHING_GGUF = {"fp32": "f32", "fp16": "f16", "bf16": "f16", "int8": "q8_0"}
+MATCHING_GGUF = {"fp32": "f32", "fp16": "f16", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
 
 
 def rss_now() -> int:
@@ -142,6 +143,7 @@ def work_llamacpp(a) -> dict:
 
     def run(n):
         times, tokens = [], []
+        llm.reset()  # else generate() reuses the warm-up's cached prompt and "prefill" is one token
         t0 = time.perf_counter()
         for tok in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, reset=True):
             times.append(time.perf_counter())
@@ -245,7 +247,7 @@ def main() -> None:
     rows: list[tuple[str, str, str, str, list[str]]] = [  # name, engine, precision, python, worker args
         ("transformers fp32", "hf", "fp32", sys.executable, ["--model-dir", base]),
     ]
-    for w in ("fp32", "bf16", "fp16", "int8"):
+    for w in ("fp32", "bf16", "fp16", "int8", "int4"):
         rows.append((f"ours {w}", "ours", w, sys.executable, ["--model-dir", base, "--weights", w]))
         if not a.skip_torch_backend:
             rows.append((f"ours {w} torch", "ours", w, sys.executable,
@@ -254,7 +256,7 @@ def main() -> None:
             rows.append((f"ours {w} torch compiled", "ours", w, sys.executable,
                          ["--model-dir", base, "--weights", w, "--backend", "torch", "--compile"]))
     if a.preset_ls:
-        for w in ("fp32", "int8"):
+        for w in ("fp32", "int8", "int4"):
             rows.append((f"ours {w} {a.preset_ls.split('-')[-2]}-LS", "ours", w, sys.executable,
                          ["--model-dir", str(dirs[a.preset_ls]), "--weights", w]))
     llama_py = find_llama_python(a.llama_python)
@@ -264,7 +266,7 @@ def main() -> None:
     elif not LLAMA2_TOKENIZER.exists():
         llama_note = "llama.cpp: not run (GGUF export needs the LLaMA-2 tokenizer.model from the shared data)"
     else:
-        for q in ("f32", "f16", "q8_0"):
+        for q in ("f32", "f16", "q8_0", "q4_0"):
             gguf_path = tmp / f"model-{q}.gguf"
             rows.append((f"llama.cpp {q.upper()}", "llamacpp", q, llama_py, ["--gguf", str(gguf_path)]))
     if a.only:
@@ -324,11 +326,12 @@ def main() -> None:
               f"{statistics.median(r['rss_end_mib'] for r in runs):.0f} |")
     if llama_note:
         print(f"\n{llama_note}")
-    ls_name = next((r[0] for r in rows if r[0].startswith("ours fp32") and "LS" in r[0]), None)
-    if ls_name and median(ls_name) and median("ours fp32"):
-        overhead = median("ours fp32") / median(ls_name) - 1
-        print(f"\nlayer sharing (fp32): {a.preset_ls} decodes {overhead * 100:+.1f}% slower per token than {a.preset} "
-              f"(same weights in memory, twice the logical layers)")
+    for w in ("fp32", "int8", "int4"):
+        ls_name = next((r[0] for r in rows if r[0].startswith(f"ours {w} ") and "LS" in r[0]), None)
+        if ls_name and median(ls_name) and median(f"ours {w}"):
+            overhead = median(f"ours {w}") / median(ls_name) - 1
+            print(f"\nlayer sharing ({w}): {a.preset_ls} decodes {overhead * 100:+.1f}% slower per token than "
+                  f"{a.preset} (same weights in memory, twice the logical layers)")
     same = {tuple(r["tokens"]) for n, rs in results.items() for r in rs
             if "tokens" in r and "LS" not in n and ("fp32" in n or "F32" in n)}
     print(f"\nfp32 engines agree on the first 8 greedy tokens: {len(same) == 1}")

@@ -288,7 +288,7 @@ def test_native_and_torch_backends_agree(plain_dir, weights):
 
 @pytest.mark.parametrize("weights", ["int8", "bf16"])
 def test_native_low_precision_batched_equals_alone(plain_dir, weights):
-    """Weight-only low precision with fp32 activations: a row's tokens do not depend on its neighbours."""
+    """Low precision (int8: int8 activations per token): a row's tokens do not depend on its neighbours."""
     require_native()
     batched = load_engine(plain_dir, max_batch=4, precision=weights, backend="native").generate(PROMPTS, GREEDY)
     alone = load_engine(plain_dir, precision=weights, backend="native")

@@ -43,6 +43,16 @@ def test_int8_dirs_generate_with_the_quantizers_own_integers(dirs, backend):
         assert cli_text(dirs / precision, "--backend", backend) == from_float
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_int4_dir_runs_its_own_integers_at_int4(dirs, backend):
+    """--precision int4 on the int4 directory uses the stored integers: the same text as the float model
+    quantized to int4 by the engine through the same rule (groups of 32)."""
+    if backend == "native":
+        require_native()
+    assert cli_text(dirs / "int4", "--precision", "int4", "--backend", backend) == \
+        cli_text(dirs / "float", "--precision", "int4", "--backend", backend)
+
+
 def test_int4_dir_generates_on_its_dequantized_weights(dirs):
     """The int4 directory runs its int4 values exactly (dequantized to fp32): the same tokens as a float
     model holding those values."""

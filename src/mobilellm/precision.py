@@ -14,6 +14,8 @@ import torch
 from mobilellm.errors import MobileLLMError
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INFERENCE = ("fp32", "bf16", "fp16", "int8", "int4")  # what generate / chat / serve / bench run in
+INT4_GROUP = 32  # int4 inference: input columns per weight scale (8da4w's group, llama.cpp Q4_0's block)
 ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "f32": "fp32", "f16": "fp16"}
 
 

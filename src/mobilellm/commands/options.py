@@ -43,8 +43,10 @@ def sampling_from_args(args) -> SamplingParams:
 
 def add_precision_arg(g, choices=PRECISIONS, help_text: str | None = None) -> None:
     g.add_argument("--precision", choices=choices, default=None,
-                   help=help_text or "weights at run time: fp32, bf16, fp16 or int8 (one scale per output row; "
-                                     "fastest). Default: fp32, or a quantized directory's own int8 weights")
+                   help=help_text or "weights at run time: fp32, bf16, fp16, int8 (one scale per output row) or "
+                                     "int4 (groups of 32); int8/int4 run on integer dot products with int8 "
+                                     "activations per token. Default: fp32, or a quantized directory's own "
+                                     "int8 weights")
     g.add_argument("--weights", dest="precision", choices=choices, action=Deprecated, new_flag="--precision",
                    help=argparse.SUPPRESS)
 

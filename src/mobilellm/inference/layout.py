@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from mobilellm.errors import MobileLLMError
-from mobilellm.precision import FLOAT_DTYPES
+from mobilellm.precision import FLOAT_DTYPES, INFERENCE, INT4_GROUP
 from mobilellm.quantize import QuantizedLinear, dequantize_weight, quantize_weight
 
-# Inference precisions (precision.py): float weights, or integers with one scale per output row (int8).
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+# Inference precisions (precision.py): float weights, int8 with one scale per output row, or int4
+# with one scale per INT4_GROUP input columns.
+PRECISIONS = INFERENCE
 
 
 def check_precision(precision: str) -> None:
@@ -58,10 +59,23 @@ class Matrix:
         q, scale = quantize_weight(self.dense(), bits=8, group_size=None)
         return q, scale.view(-1)
 
+    def as_int4_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int4 values (as int8, (out, in)) and fp32 scales (out, in // INT4_GROUP): the stored integers
+        when they already are that, else the weights quantized by the same rule."""
+        if self.q is not None and self.bits == 4 and self.shape[1] // self.scale.shape[1] == INT4_GROUP:
+            return self.q, self.scale.float()
+        out_f, in_f = self.shape
+        if in_f % INT4_GROUP:
+            raise MobileLLMError(f"int4 needs every matrix width to be a multiple of {INT4_GROUP}; this model "
+                                 f"has a ({out_f}, {in_f}) matrix (use int8)")
+        return quantize_weight(self.dense(), bits=4, group_size=INT4_GROUP)
+
     def converted(self, precision: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(data, per-row scale or None) in `precision`."""
+        """(data, scale or None) in `precision`: int8 rows with (out,) scales, int4 values with (out, groups)."""
         if precision == "int8":
             return self.as_int8_rows()
+        if precision == "int4":
+            return self.as_int4_groups()
         return self.dense().to(FLOAT_DTYPES[precision]).contiguous(), None
 
 

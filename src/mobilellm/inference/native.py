@@ -12,6 +12,7 @@ PyTorch backend; `MOBILELLM_NATIVE=0` forces that.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -31,7 +32,8 @@ from mobilellm.inference.layout import block_weights, embedding_table, output_ma
 from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
-WEIGHT_TYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
+WEIGHT_TYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
+ISAS = ("scalar", "avx2", "avx512-vnni")  # the integer kernels' instruction sets, as mobilellm_isa numbers them
 PREFILL_CHUNK = 64  # tokens per call in prefill: bounds the scratch memory, keeps weight rows hot
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # Linux
@@ -43,7 +45,7 @@ class NativeUnavailable(MobileLLMError):
 
 class Matrix(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("type", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32)]
+                ("type", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32), ("aux", ctypes.c_void_p)]
 
 
 class Block(ctypes.Structure):
@@ -131,23 +133,62 @@ def library():
             lib.mobilellm_forward.restype = ctypes.c_int
             lib.mobilellm_forward.argtypes = [ctypes.POINTER(Net), ctypes.c_int] + [ctypes.c_void_p] * 3 + \
                 [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            lib.mobilellm_qmatmul_i8.restype = None
-            lib.mobilellm_qmatmul_i8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + \
-                [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+            lib.mobilellm_matmul.restype = ctypes.c_int
+            lib.mobilellm_matmul.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                             ctypes.c_int]
+            lib.mobilellm_isa.restype = ctypes.c_int
+            lib.mobilellm_isa.argtypes = [ctypes.c_int]
             _library = lib
         return _library
 
 
-def qmatmul_i8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x (n, in) fp32 times int8 weights q (out, in) with one scale per row, on integer dot products:
+def integer_isa(force: str | None = None) -> str:
+    """The integer kernels' instruction set (ISAS): the best this CPU has, or `force` where it has that."""
+    return ISAS[library().mobilellm_isa(ISAS.index(force) if force else -1)]
+
+
+def integer_weights(data: torch.Tensor, scale: torch.Tensor, precision: str) -> list[torch.Tensor]:
+    """(data, scale, aux) as native_kernels.c reads int8 / int4 matrices, from layout.Matrix.converted:
+    int8 rows and their int32 sums; int4 values + 8 packed two per byte (value j and j + 16 of each
+    group of 32 in one byte) with each row's fp32 sum of dequantized weights."""
+    q = data.to(torch.int8)
+    if precision == "int8":
+        return [q.contiguous(), scale.float().reshape(-1).contiguous(), q.to(torch.int32).sum(1, dtype=torch.int32)]
+    rows, cols = q.shape
+    nib = (q.to(torch.int16) + 8).to(torch.uint8).view(rows, cols // 32, 2, 16)  # [-8, 7] stored as [0, 15]
+    packed = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(rows, cols // 2)
+    scale = scale.float().contiguous()
+    row_sum = (q.double().view(rows, cols // 32, 32).sum(-1) * scale.double()).sum(1).float()
+    return [packed.contiguous(), scale, row_sum]
+
+
+def _integer_struct(parts: list[torch.Tensor], precision: str) -> Matrix:
+    data, scale, aux = parts  # as integer_weights returns them
+    cols = data.shape[1] * (2 if precision == "int4" else 1)
+    return Matrix(_ptr(data), _ptr(scale), WEIGHT_TYPES[precision], data.shape[0], cols, _ptr(aux))
+
+
+def qmatmul(data: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, precision: str = "int8") -> torch.Tensor:
+    """x (n, in) fp32 times integer weights on the native integer kernels, one matrix product alone:
+    data/scale as layout.Matrix.converted(precision) gives them (int8 rows, or int4 values in groups);
     activations quantized per token as quantize.fake_quantize_activations does. Returns (n, out) fp32."""
-    q, x = q.to(torch.int8).contiguous(), x.float().contiguous()
-    scale = scale.float().reshape(-1).contiguous()
-    wsum = q.to(torch.int32).sum(1, dtype=torch.int32).contiguous()
-    y = torch.empty(x.shape[0], q.shape[0])
-    library().mobilellm_qmatmul_i8(_ptr(q), _ptr(scale), _ptr(wsum), q.shape[0], q.shape[1], _ptr(x), x.shape[0],
-                                   _ptr(y), torch.get_num_threads())
+    keep = integer_weights(data, scale, precision)
+    m = _integer_struct(keep, precision)
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], m.rows)
+    if library().mobilellm_matmul(ctypes.byref(m), _ptr(x), x.shape[0], _ptr(y), torch.get_num_threads()) != 0:
+        raise MobileLLMError("the native matrix product could not allocate its scratch memory")
+    del keep
     return y
+
+
+def qmatmul_i8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return qmatmul(q, scale, x, "int8")
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 # ---- the network as the library sees it ------------------------------------------------------
@@ -182,7 +223,8 @@ def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 class NativeBackend(Backend):
     """model.MobileLLM's weights in the inference layout (layout.py), laid out for native_kernels.c.
 
-    Matrices as fp32, fp16, bf16 or int8 with one scale per output row (layout.Matrix.converted).
+    Matrices as fp32, fp16, bf16, int8 with one scale per output row or int4 in groups of 32 input
+    columns (layout.Matrix.converted; integer ones in the kernel's form, integer_weights).
     The embedding table stays fp32 (one row is read per token); the tied output matrix is that same
     table in fp32 mode and its own converted copy otherwise.
     """
@@ -192,6 +234,8 @@ class NativeBackend(Backend):
     def __init__(self, model: MobileLLM, precision: str, max_batch: int, max_len: int, consume: bool = False):
         super().__init__(model.config, precision, max_batch, max_len)
         self.lib = library()
+        if precision in ("int8", "int4") and integer_isa() != ISAS[-1]:
+            _note_once(f"mobilellm: the integer kernels use {integer_isa()} (this CPU has no AVX-512 VNNI)")
         cfg = self.config
         self.cache = KVCache(cfg, max_batch, max_len, device="cpu")  # fp32, contiguous
         self._keep: list[torch.Tensor] = []  # every tensor the C struct points into
@@ -234,12 +278,16 @@ class NativeBackend(Backend):
     def _matrices(self, matrices: list[LayoutMatrix]) -> list[Matrix]:
         """Weight matrices converted to the decode precision and packed together (see _packed)."""
         converted = [m.converted(self.precision) for m in matrices]
-        scales = [scale for _, scale in converted if scale is not None]
+        if self.precision in ("int8", "int4"):
+            parts = [integer_weights(data, scale, self.precision) for data, scale in converted]
+            packed = _packed([t for part in parts for t in part])
+            self._keep += packed
+            self.nbytes += sum(t.numel() * t.element_size() for t in packed)
+            return [_integer_struct(packed[i:i + 3], self.precision) for i in range(0, len(packed), 3)]
         packed = _packed([data for data, _ in converted])
-        self._keep += packed + scales
-        self.nbytes += sum(t.numel() * t.element_size() for t in packed + scales)
-        return [Matrix(_ptr(data), _ptr(scales[i]) if scales else None, WEIGHT_TYPES[self.precision], *data.shape)
-                for i, data in enumerate(packed)]
+        self._keep += packed
+        self.nbytes += sum(t.numel() * t.element_size() for t in packed)
+        return [Matrix(_ptr(data), None, WEIGHT_TYPES[self.precision], *data.shape) for data in packed]
 
     def _prefill(self, row: int, ids: list[int]) -> torch.Tensor:
         for start in range(0, len(ids), PREFILL_CHUNK):  # causal across chunks: earlier ones are in the cache

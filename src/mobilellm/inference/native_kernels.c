@@ -5,8 +5,10 @@ prompt and a batched decode step alike. Each token names its KV-cache row and it
 writes its keys/values there and attends to columns 0..position of that row, so a prefill chunk is
 causal and rows of a batch never see each other.
 
-Weights are fp32, fp16, bf16 or int8 with one scale per output row; activations, the KV cache and
-every sum stay fp32. At batch 1 a CPU spends the token streaming weights from memory, so the point
+Weights are fp32, fp16, bf16, int8 with one scale per output row, or int4 in groups of 32 input
+columns. Float weights multiply fp32 activations; integer weights multiply activations quantized
+per token to int8 (quantize.py's rule) on integer dot products, scales applied in fp32 (see the
+integer section below). The KV cache, attention and the residual stream stay fp32. At batch 1 a CPU spends the token streaming weights from memory, so the point
 of this file is to do that with nothing between the matrix products: one call per token instead of
 a few hundred framework ops. Plain C loops that the compiler vectorizes (-O3 -march=native), with
 OpenMP threads splitting the output rows of each matrix and the (token, head) pairs of attention.
@@ -18,12 +20,14 @@ OpenMP threads splitting the output rows of each matrix and the (token, head) pa
 
 #include <omp.h>
 
-enum { W_F32 = 0, W_F16 = 1, W_BF16 = 2, W_I8 = 3 };
+enum { W_F32 = 0, W_F16 = 1, W_BF16 = 2, W_I8 = 3, W_I4 = 4 };
 
 typedef struct {
-    const void *data;     /* (rows, cols), row-major, in `type` */
-    const float *scale;   /* int8: one per row; otherwise NULL */
+    const void *data;     /* (rows, cols), row-major, in `type`; int4: (rows, cols / 2) bytes, see dot_i4 */
+    const float *scale;   /* int8: one per row; int4: (rows, cols / 32); otherwise NULL */
     int32_t type, rows, cols;
+    const void *aux;      /* int8: int32 sum of each row's integers; int4: fp32 sum of each row's
+                             dequantized weights (the activation zero point's share); otherwise NULL */
 } Matrix;
 
 typedef struct {
@@ -44,12 +48,14 @@ typedef struct {
     float *k_cache, *v_cache;       /* (n_logical, max_batch, n_kv, max_len, head_dim) */
 } Net;
 
+#if defined(__x86_64__)
+#include <immintrin.h>  /* also for the integer kernels, compiled per instruction set (target attributes) */
+#endif
 #if defined(__AVX512F__)
-#include <immintrin.h>
 #define HAVE_AVX512 1
 #endif
 
-/* Weight element k of matrix m as fp32 (int8 unscaled: the row's scale is applied to the sum). */
+/* Weight element k of a float matrix m as fp32. */
 static inline float weight_at(const Matrix *m, size_t k) {
     switch (m->type) {
     case W_F16: return (float)((const _Float16 *)m->data)[k];
@@ -59,7 +65,6 @@ static inline float weight_at(const Matrix *m, size_t k) {
         memcpy(&f, &bits, sizeof f);
         return f;
     }
-    case W_I8: return (float)((const int8_t *)m->data)[k];
     default: return ((const float *)m->data)[k];
     }
 }
@@ -73,7 +78,6 @@ static inline __m512 load16(const Matrix *m, size_t at) {
         const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)m->data + at)));
         return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
     }
-    case W_I8: return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)m->data + at))));
     default: return _mm512_loadu_ps((const float *)m->data + at);
     }
 }
@@ -203,7 +207,7 @@ static void to_bf16(const float *x, uint16_t *out, int n) {
         _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(x + k)));
 }
 
-/* Row r of m as bf16: in place for bf16 weights, else through an fp32 row in tmp into dst. */
+/* Row r of m as bf16 (in place: bf16 weights are the only ones that take this path). */
 static const uint16_t *row_bf16(const Matrix *m, int r, uint16_t *dst, float *tmp) {
     if (m->type == W_BF16) return (const uint16_t *)m->data + (size_t)r * m->cols;
     to_bf16(row_f32(m, r, tmp), dst, m->cols);
@@ -230,12 +234,298 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *cons
 }
 #endif
 
+/* ---- integer weights: int8 rows and int4 groups times int8 activations ------------------------
+   Each token's activations are quantized once per matrix by quantize.py's rule (asymmetric min-max
+   over the row, zero point zp in [-128, 127]) and stored as u = q + 128 in [0, 255]: the unsigned
+   operand the u8 x s8 dot-product instructions take. With zpu = zp + 128, u - zpu = q - zp, so
+     int8: y = wscale[r] * xscale * (sum_k u_k w_k - zpu * sum_k w_k)     exact int32 sums
+     int4: y = xscale * (sum_g s_g * sum_{k in g} u_k w_k - zpu * sum_k s_g(k) w_k)
+   The instruction set is picked at run time (mobilellm_isa): AVX-512 VNNI, AVX2, or plain C. */
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+
+typedef struct {
+    uint8_t *q;      /* (n, ld) quantized activations, u = q + 128 */
+    float *scale;    /* (n,) */
+    int32_t *zero;   /* (n,) zpu = zero point + 128 */
+    int ld;
+} QActs;
+
+static void quantize_row(const float *x, int cols, uint8_t *u, float *scale, int32_t *zero) {
+    const float eps = 1.1920928955078125e-07f;  /* float32 eps: quantize._EPS */
+    float lo = 0.f, hi = 0.f;                   /* the range always holds 0 */
+    for (int k = 0; k < cols; k++) { lo = x[k] < lo ? x[k] : lo; hi = x[k] > hi ? x[k] : hi; }
+    float s = (hi - lo) / 255.f;
+    s = s > eps ? s : eps;
+    float z = -128.f - nearbyintf(lo / s);  /* round half to even, as torch.round */
+    z = z < -128.f ? -128.f : (z > 127.f ? 127.f : z);
+    const float inv = 1.f / s;
+    for (int k = 0; k < cols; k++) {
+        float q = nearbyintf(x[k] * inv) + z;
+        q = q < -128.f ? -128.f : (q > 127.f ? 127.f : q);
+        u[k] = (uint8_t)((int)q + 128);
+    }
+    *scale = s;
+    *zero = (int32_t)z + 128;
+}
+
+/* int4 weights: group g of a row (32 values) is 16 bytes, byte j = value j (low nibble) and value
+   j + 16 (high nibble), each stored as value + 8 in [0, 15]; unpacking is a mask and a shift. */
+static inline int nibble(uint8_t b, int high) { return ((high ? b >> 4 : b) & 15) - 8; }
+
+/* Each kernel takes 4 rows at once (w[0..3], s[0..3]: their weights and int4 scales; a tail of fewer
+   rows repeats the last one): 4 independent sums hide the dot-product instructions' latency, and each
+   activation vector loaded feeds 4 rows. */
+
+static void dot4_i8_scalar(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
+    for (int i = 0; i < 4; i++) {
+        int32_t acc = 0;
+        for (int k = 0; k < n; k++) acc += (int32_t)u[k] * w[i][k];
+        out[i] = acc;
+    }
+}
+
+static void dot4_i4_scalar(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
+    for (int i = 0; i < 4; i++) {
+        float acc = 0.f;
+        for (int g = 0; g < groups; g++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 16; j++)
+                sum += (int32_t)u[32 * g + j] * nibble(w[i][16 * g + j], 0) +
+                       (int32_t)u[32 * g + 16 + j] * nibble(w[i][16 * g + j], 1);
+            acc += s[i][g] * (float)sum;
+        }
+        out[i] = acc;
+    }
+}
+
+#if defined(__x86_64__)
+/* 4 rows read side by side are 4 streams to the hardware prefetcher, which then falls behind at
+   batch 1 (weights streamed from DRAM): fetch PREFETCH_BYTES ahead explicitly (measured: int8
+   decode ~10% faster than one row at a time, where without it it was ~20% slower) */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 8192
+#endif
+#define AVX2 __attribute__((target("avx2,fma")))
+#define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vnni")))
+
+static AVX2 inline int32_t hsum8(__m256i v) {
+    __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(x, _mm_shuffle_epi32(x, 0xb1)));
+}
+
+static AVX2 inline float hsum8f(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* u8 x s8 products widened to int16 and summed in pairs exactly (maddubs would saturate at
+   255 * 127 * 2): 16 activations (as int16) times 16 weights -> 8 int32 */
+static AVX2 inline __m256i madd16(__m256i x16, __m128i w) { return _mm256_madd_epi16(x16, _mm256_cvtepi8_epi16(w)); }
+
+static AVX2 inline __m256i widen16(const uint8_t *u) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)u)); }
+
+static AVX2 void dot4_i8_avx2(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    int k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const __m256i x = widen16(u + k);
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_add_epi32(acc[i], madd16(x, _mm_loadu_si128((const __m128i *)(w[i] + k))));
+    }
+    const int8_t *tail[4] = {w[0] + k, w[1] + k, w[2] + k, w[3] + k};
+    dot4_i8_scalar(u + k, tail, n - k, out);
+    for (int i = 0; i < 4; i++) out[i] += hsum8(acc[i]);
+}
+
+/* 16 packed bytes -> the group's 32 values: low nibbles then high nibbles, less 8 */
+static AVX2 inline void unpack_group(const uint8_t *w, __m128i *lo, __m128i *hi) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)w), m = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+    *lo = _mm_sub_epi8(_mm_and_si128(b, m), eight);
+    *hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m), eight);
+}
+
+static AVX2 void dot4_i4_avx2(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int g = 0; g < groups; g++) {
+        const __m256i xlo = widen16(u + 32 * g), xhi = widen16(u + 32 * g + 16);
+        for (int i = 0; i < 4; i++) {
+            __m128i lo, hi;
+            unpack_group(w[i] + 16 * g, &lo, &hi);
+            const __m256i sum = _mm256_add_epi32(madd16(xlo, lo), madd16(xhi, hi));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(s[i][g]), acc[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) out[i] = hsum8f(acc[i]);
+}
+
+static VNNI void dot4_i8_vnni(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    int k = 0;
+    for (; k + 64 <= n; k += 64) {
+        const __m512i x = _mm512_loadu_si512(u + k);
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(w[i] + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            acc[i] = _mm512_dpbusd_epi32(acc[i], x, _mm512_loadu_si512(w[i] + k));
+        }
+    }
+    const int8_t *tail[4] = {w[0] + k, w[1] + k, w[2] + k, w[3] + k};
+    dot4_i8_avx2(u + k, tail, n - k, out);
+    for (int i = 0; i < 4; i++) out[i] += _mm512_reduce_add_epi32(acc[i]);
+}
+
+/* two groups per step: their 32 packed bytes unpack to [lo0 lo1 hi0 hi1] (16-byte lanes), reordered
+   to the activations' order [lo0 hi0 lo1 hi1]; int32 lanes 0-7 are group g, lanes 8-15 group g + 1.
+   The values stay + 8 (unsigned nibbles): the sums start from -8 * (the activations' sums) instead. */
+static VNNI inline __m512i unpack_pair(const uint8_t *w) {
+    const __m256i m = _mm256_set1_epi8(15), b = _mm256_loadu_si256((const __m256i *)w);
+    const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+static VNNI void dot4_i4_vnni(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int g = 0;
+    for (; g + 2 <= groups; g += 2) {
+        const __m512i x = _mm512_loadu_si512(u + 32 * g);
+        const __m512i start = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi8(-8));
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(w[i] + 16 * g) + PREFETCH_BYTES, _MM_HINT_T0);
+            const __m512i sum = _mm512_dpbusd_epi32(start, x, unpack_pair(w[i] + 16 * g));
+            const __m512 scale = _mm512_mask_mov_ps(_mm512_set1_ps(s[i][g]), 0xFF00, _mm512_set1_ps(s[i][g + 1]));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i]);
+        }
+    }
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    if (g < groups) {
+        const uint8_t *wt[4] = {w[0] + 16 * g, w[1] + 16 * g, w[2] + 16 * g, w[3] + 16 * g};
+        const float *st[4] = {s[0] + g, s[1] + g, s[2] + g, s[3] + g};
+        dot4_i4_avx2(u + 32 * g, wt, st, groups - g, tail);
+    }
+    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + tail[i];
+}
+
+/* Prefill: the 4 rows' pairs of groups unpacked once into wu (row i at wu + i * ld, pair p at 64 p),
+   then dot4_i4_vnni's arithmetic on them for every token, without unpacking again. */
+static VNNI void unpack4_i4_vnni(const uint8_t *const *w, int groups, uint8_t *wu, int ld) {
+    for (int i = 0; i < 4; i++)
+        for (int g = 0; g + 2 <= groups; g += 2) _mm512_storeu_si512(wu + (size_t)i * ld + 32 * g, unpack_pair(w[i] + 16 * g));
+}
+
+static VNNI void dot4_i4u_vnni(const uint8_t *u, const uint8_t *wu, int ld, const uint8_t *const *w, const float *const *s,
+                               int groups, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int g = 0;
+    for (; g + 2 <= groups; g += 2) {
+        const __m512i x = _mm512_loadu_si512(u + 32 * g);
+        const __m512i start = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi8(-8));
+        for (int i = 0; i < 4; i++) {
+            const __m512i sum = _mm512_dpbusd_epi32(start, x, _mm512_loadu_si512(wu + (size_t)i * ld + 32 * g));
+            const __m512 scale = _mm512_mask_mov_ps(_mm512_set1_ps(s[i][g]), 0xFF00, _mm512_set1_ps(s[i][g + 1]));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i]);
+        }
+    }
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    if (g < groups) {
+        const uint8_t *wt[4] = {w[0] + 16 * g, w[1] + 16 * g, w[2] + 16 * g, w[3] + 16 * g};
+        const float *st[4] = {s[0] + g, s[1] + g, s[2] + g, s[3] + g};
+        dot4_i4_avx2(u + 32 * g, wt, st, groups - g, tail);
+    }
+    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + tail[i];
+}
+#endif
+
+static int isa = -1;  /* chosen on first use */
+
+/* The integer kernels' instruction set: `force` >= 0 asks for one (capped at what the CPU has),
+   -1 keeps the current choice (the best the CPU has on first use). Returns the one in use. */
+int mobilellm_isa(int force) {
+    int best = ISA_SCALAR;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = ISA_AVX2;
+    if (best == ISA_AVX2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni")) best = ISA_VNNI;
+#endif
+    if (force >= 0) isa = force < best ? force : best;
+    else if (isa < 0) isa = best;
+    return isa;
+}
+
+static void dot4_i8(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
+#if defined(__x86_64__)
+    if (isa == ISA_VNNI) return dot4_i8_vnni(u, w, n, out);
+    if (isa == ISA_AVX2) return dot4_i8_avx2(u, w, n, out);
+#endif
+    dot4_i8_scalar(u, w, n, out);
+}
+
+static void dot4_i4(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
+#if defined(__x86_64__)
+    if (isa == ISA_VNNI) return dot4_i4_vnni(u, w, s, groups, out);
+    if (isa == ISA_AVX2) return dot4_i4_avx2(u, w, s, groups, out);
+#endif
+    dot4_i4_scalar(u, w, s, groups, out);
+}
+
+/* The integer version of matmul below (same contract): activations quantized once, shared by the
+   threads; then every (row, token) is one integer dot product, so a token's result never depends
+   on the other tokens of the call (nor on which rows share its 4-row step: rows are independent). */
+static void matmul_int(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, const QActs *qa,
+                       uint8_t *buf) {
+    const int cols = m->cols, groups = cols / 32;
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; t++)
+        quantize_row(x + (size_t)t * ldx, cols, qa->q + (size_t)t * qa->ld, qa->scale + t, qa->zero + t);
+#pragma omp for schedule(static)
+    for (int r0 = 0; r0 < m->rows; r0 += 4) {
+        const int nr = m->rows - r0 < 4 ? m->rows - r0 : 4;
+        int r[4];
+        for (int i = 0; i < 4; i++) r[i] = r0 + (i < nr ? i : nr - 1);
+        for (int t = 0; t < n; t++) {
+            const uint8_t *u = qa->q + (size_t)t * qa->ld;
+            float v[4];
+            if (m->type == W_I8) {
+                const int8_t *w[4];
+                int32_t acc[4];
+                for (int i = 0; i < 4; i++) w[i] = (const int8_t *)m->data + (size_t)r[i] * cols;
+                dot4_i8(u, w, cols, acc);
+                for (int i = 0; i < 4; i++)
+                    v[i] = m->scale[r[i]] * qa->scale[t] * (float)(acc[i] - qa->zero[t] * ((const int32_t *)m->aux)[r[i]]);
+            } else {
+                const uint8_t *w[4];
+                const float *s[4];
+                float acc[4];
+                for (int i = 0; i < 4; i++) {
+                    w[i] = (const uint8_t *)m->data + (size_t)r[i] * (cols / 2);
+                    s[i] = m->scale + (size_t)r[i] * groups;
+                }
+#if defined(__x86_64__)
+                if (isa == ISA_VNNI && n > 1) {  /* buf: 4 unpacked rows of `cols` bytes */
+                    if (t == 0) unpack4_i4_vnni(w, groups, buf, cols);
+                    dot4_i4u_vnni(u, buf, cols, w, s, groups, acc);
+                } else
+#endif
+                    dot4_i4(u, w, s, groups, acc);
+                for (int i = 0; i < 4; i++) v[i] = qa->scale[t] * (acc[i] - (float)qa->zero[t] * ((const float *)m->aux)[r[i]]);
+            }
+            for (int i = 0; i < nr; i++) put(y + (size_t)t * ldy + r0 + i, v[i], add);
+        }
+    }
+}
+
 /* y[t, r] = (add ? y[t, r] : 0) + W[r] . x[t] for n tokens; rows split over the threads.
    Runs inside a parallel region and ends with its barrier; buf holds 4 rows of fp32 (and one more
    for the bf16 path). xb: scratch for bf16 activations where a prefill may use them, else NULL:
-   then int8 / bf16 weights multiply bf16-rounded activations (int8 weights become bf16 exactly). */
+   then bf16 weights multiply bf16-rounded activations. qa: scratch for integer weights' activations
+   (and buf for unpacked int4 rows). */
 static void matmul(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, float *buf,
-                   uint16_t *xb) {
+                   uint16_t *xb, const QActs *qa) {
+    if (m->type == W_I8 || m->type == W_I4) {
+        matmul_int(m, x, ldx, n, y, ldy, add, qa, (uint8_t *)buf);
+        return;
+    }
     if (n == 1) {
 #pragma omp for schedule(static)
         for (int r = 0; r < m->rows; r++) put(y + r, (m->scale ? m->scale[r] : 1.f) * dot_row(m, r, x), add);
@@ -243,7 +533,7 @@ static void matmul(const Matrix *m, const float *x, int ldx, int n, float *y, in
     }
     const int cols = m->cols;
 #ifdef HAVE_BF16_DOT
-    const int bf16 = xb && n >= 4 && (m->type == W_I8 || m->type == W_BF16) && cols % 32 == 0;
+    const int bf16 = xb && n >= 4 && m->type == W_BF16 && cols % 32 == 0;
     if (bf16) {  /* activations rounded once per matrix, shared by the threads */
 #pragma omp for schedule(static)
         for (int t = 0; t < n; t++) to_bf16(x + (size_t)t * ldx, xb + (size_t)t * cols, cols);
@@ -302,19 +592,24 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
     if (threads < 1) threads = 1;
 
     /* all scratch up front: a thread cannot leave a parallel region early */
+    const int ldq = (widest + 63) / 64 * 64;  /* quantized activations: bytes per token */
     const size_t sizes[] = {(size_t)n * D, (size_t)n * D, (size_t)n * qkv_dim, (size_t)n * H * hd,
-                            (size_t)n * up_dim, (size_t)threads * per_thread, (size_t)n * widest / 2 + 32};
+                            (size_t)n * up_dim, (size_t)threads * per_thread, (size_t)n * widest / 2 + 32,
+                            2 * (size_t)n, (size_t)n * ldq / 4 + 16};
     size_t total = 0;
-    for (int i = 0; i < 7; i++) total += sizes[i];
+    for (int i = 0; i < 9; i++) total += sizes[i];
     float *scratch = malloc(sizeof(float) * total);
     if (!scratch) return -1;
     float *x = scratch, *xn = x + sizes[0], *qkv = xn + sizes[1], *att = qkv + sizes[2], *h = att + sizes[3];
     float *thread_rows = h + sizes[4];
-    /* a prefill chunk (every token in one cache row) may round activations to bf16 for int8/bf16
+    /* a prefill chunk (every token in one cache row) may round activations to bf16 for bf16
        weights; a batch of different rows never does, so a row's output does not depend on its batch */
     int one_row = n >= 4;
     for (int t = 1; t < n && one_row; t++) one_row = rows[t] == rows[0];
     uint16_t *xb = one_row ? (uint16_t *)(thread_rows + sizes[5]) : NULL;
+    float *qscale = thread_rows + sizes[5] + sizes[6];
+    const QActs qa = {(uint8_t *)(qscale + sizes[7]), qscale, (int32_t *)(qscale + n), ldq};
+    mobilellm_isa(-1);
 
 #pragma omp parallel num_threads(threads)
     {
@@ -327,7 +622,7 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
             const size_t slot = (size_t)layer * net->max_batch;
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * D, b->ln1, D, net->eps, xn + (size_t)t * D);
-            matmul(&b->qkv, xn, D, n, qkv, qkv_dim, 0, buf, xb);
+            matmul(&b->qkv, xn, D, n, qkv, qkv_dim, 0, buf, xb, &qa);
             /* RoPE on queries and keys (adjacent pairs), then keys/values into the cache */
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) {
@@ -366,10 +661,10 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
                     for (int k = 0; k < hd; k++) out[k] += p * vj[k];
                 }
             }
-            matmul(&b->o, att, H * hd, n, x, D, 1, buf, xb);
+            matmul(&b->o, att, H * hd, n, x, D, 1, buf, xb, &qa);
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * D, b->ln2, D, net->eps, xn + (size_t)t * D);
-            matmul(&b->up, xn, D, n, h, up_dim, 0, buf, xb);
+            matmul(&b->up, xn, D, n, h, up_dim, 0, buf, xb, &qa);
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) {
                 float *ht = h + (size_t)t * up_dim;
@@ -378,59 +673,28 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
                 else
                     for (int j = 0; j < F; j++) ht[j] = ht[j] > 0.f ? ht[j] : 0.f;
             }
-            matmul(&b->down, h, up_dim, n, x, D, 1, buf, xb);
+            matmul(&b->down, h, up_dim, n, x, D, 1, buf, xb, &qa);
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < n_out; i++)
             rms_norm(x + (size_t)out_index[i] * D, net->norm, D, net->eps, xn + (size_t)i * D);
-        matmul(&net->head, xn, D, n_out, logits, net->vocab, 0, buf, xb);
+        matmul(&net->head, xn, D, n_out, logits, net->vocab, 0, buf, xb, &qa);
     }
     free(scratch);
     return 0;
 }
 
-/* ---- integer matrix product (first piece of the integer path; not yet used by mobilellm_forward) ----
-   y[t, r] = wscale[r] * xs_t * (sum_k qx[t, k] * w[r, k] - zp_t * wsum[r]) for int8 weights with one
-   scale per row (wsum[r] = sum_k w[r, k]) and activations quantized per token row by quantize.py's
-   rule (asymmetric int8, fake_quantize_activations): the sums are exact int32, scales applied in fp32. */
-void mobilellm_qmatmul_i8(const int8_t *w, const float *wscale, const int32_t *wsum, int rows, int cols,
-                          const float *x, int n, float *y, int threads) {
-    const float eps = 1.1920928955078125e-07f;  /* float32 eps: quantize._EPS */
-    int8_t *qx = malloc((size_t)n * cols);
-    float *xs = malloc(sizeof(float) * (size_t)n);
-    int32_t *zp = malloc(sizeof(int32_t) * (size_t)n);
-    if (!qx || !xs || !zp) { free(qx); free(xs); free(zp); return; }
+/* y = x . m^T for n tokens of m->cols values (the matrix products of mobilellm_forward, alone: for tests). */
+int mobilellm_matmul(const Matrix *m, const float *x, int n, float *y, int threads) {
+    const int cols = m->cols, ldq = (cols + 63) / 64 * 64;
     if (threads < 1) threads = 1;
+    float *buf = malloc(sizeof(float) * ((size_t)threads * 5 * cols + 2 * (size_t)n + (size_t)n * ldq / 4 + 16));
+    if (!buf) return -1;
+    float *qscale = buf + (size_t)threads * 5 * cols;
+    const QActs qa = {(uint8_t *)(qscale + 2 * (size_t)n), qscale, (int32_t *)(qscale + n), ldq};
+    mobilellm_isa(-1);
 #pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int t = 0; t < n; t++) {
-            const float *xt = x + (size_t)t * cols;
-            float lo = 0.f, hi = 0.f;
-            for (int k = 0; k < cols; k++) { lo = xt[k] < lo ? xt[k] : lo; hi = xt[k] > hi ? xt[k] : hi; }
-            float s = (hi - lo) / 255.f;
-            s = s > eps ? s : eps;
-            float z = -128.f - nearbyintf(lo / s);
-            z = z < -128.f ? -128.f : (z > 127.f ? 127.f : z);
-            const float inv = 1.f / s;
-            for (int k = 0; k < cols; k++) {
-                float q = nearbyintf(xt[k] * inv) + z;
-                qx[(size_t)t * cols + k] = (int8_t)(q < -128.f ? -128.f : (q > 127.f ? 127.f : q));
-            }
-            xs[t] = s;
-            zp[t] = (int32_t)z;
-        }
-#pragma omp for schedule(static)
-        for (int r = 0; r < rows; r++) {
-            const int8_t *wr = w + (size_t)r * cols;
-            for (int t = 0; t < n; t++) {
-                const int8_t *qt = qx + (size_t)t * cols;
-                int32_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-                for (int k = 0; k < cols; k++) acc += (int32_t)wr[k] * (int32_t)qt[k];
-                y[(size_t)t * rows + r] = wscale[r] * xs[t] * (float)(acc - zp[t] * wsum[r]);
-            }
-        }
-    }
-    free(qx); free(xs); free(zp);
+    matmul(m, x, cols, n, y, m->rows, 0, buf + (size_t)omp_get_thread_num() * 5 * cols, NULL, &qa);
+    free(buf);
+    return 0;
 }

@@ -20,6 +20,7 @@ from mobilellm.inference.backend import Backend
 from mobilellm.inference.layout import Matrix, block_weights, embedding_table, output_matrix
 from mobilellm.model import KVCache, rope_cos_sin
 from mobilellm.precision import FLOAT_DTYPES
+from mobilellm.quantize import dequantize_weight, fake_quantize_activations
 
 
 def _onednn_available(dtype: torch.dtype) -> bool:
@@ -36,6 +37,7 @@ def _linear(m: Matrix, precision: str, prepack: bool = True):
     add fused into the same call; a plain matmul where oneDNN is missing or prepack=False
     (torch.compile packs weights itself). fp16 / int8: fbgemm's dynamic kernels, fp16 weights or the
     layout's int8 rows (the quantizer's integers) with activations quantized per call; both return fp32.
+    int4: the quantized arithmetic in fp32 (a reference, not a fast path).
     """
     if precision in ("fp32", "bf16"):
         dtype = FLOAT_DTYPES[precision]
@@ -47,6 +49,11 @@ def _linear(m: Matrix, precision: str, prepack: bool = True):
             return (lambda x: pointwise(x, packed, None, "none", [], ""),
                     lambda x, r: pointwise.binary(x, r, packed, None, "add"), nbytes)
         return functools.partial(F.linear, weight=w), lambda x, r: r + F.linear(x, w), nbytes
+    if precision == "int4":  # no int4 kernel in PyTorch: the reference numerics (dequantized weights,
+        q, scale = m.as_int4_groups()  # activations fake-quantized per token), held as fp32
+        w = dequantize_weight(q, scale)
+        fn = lambda x: F.linear(fake_quantize_activations(x), w)  # noqa: E731
+        return fn, lambda x, r: r + fn(x), w.numel() * 4
     with warnings.catch_warnings():  # torch marks the quantized tensor API deprecated; it is the fastest here
         warnings.simplefilter("ignore")
         if precision == "int8":
