@@ -13,7 +13,7 @@ FLOORS = [
     {"config", "chat_template", "tokenizer"},
     {"model", "quantize"},
     {"checkpoint"},
-    {"data", "inference", "export"},
+    {"data", "inference", "export", "convert"},
     {"train"},
     {"eval", "study_curve"},
     {"finetune", "study", "quickstart", "bench", "info", "serve"},

