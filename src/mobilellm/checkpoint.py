@@ -25,7 +25,7 @@ import torch
 
 from mobilellm.config import ModelConfig
 from mobilellm.errors import MobileLLMError
-from mobilellm.fileio import atomic_dir, write_json_atomic
+from mobilellm.fileio import atomic_dir, read_json_object, write_json_atomic
 from mobilellm.model import MobileLLM
 from mobilellm import quantize as Q
 from mobilellm.tokenizer import TOKENIZER_FILES
@@ -38,14 +38,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path, "not a model's config")
     except FileNotFoundError:
         raise MobileLLMError(f"{path} not found: not a model directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MobileLLMError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise MobileLLMError(f"{path} holds a JSON {type(data).__name__}, not an object: not a model's config")
-    return data
 
 
 def config_from_hf(hf: dict) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: readers never see a half-written file.
+"""Atomic file and directory writes: readers never see a half-written file. Also the one JSON-object
+reader whose errors are one line.
 
 A write that fails for a reason outside the program (a full disk, a read-only folder, no permission)
 raises WriteError, one line that names the target and says that its previous version is intact.
@@ -90,6 +91,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def read_json_object(path: str | os.PathLike, fix: str) -> dict:
+    """The JSON object in `path`; a file that is not JSON, or holds another JSON value, is one
+    MobileLLMError line ending with `fix` (what the user should do)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MobileLLMError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise MobileLLMError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 from mobilellm.chat_template import ROLES, default_chat_template, role_token
 from mobilellm.errors import MobileLLMError
-from mobilellm.fileio import atomic_path, write_json_atomic, write_text_atomic
+from mobilellm.fileio import atomic_path, read_json_object, write_json_atomic, write_text_atomic
 
 DEFAULT_BOS = "<s>"
 DEFAULT_EOS = "</s>"
@@ -393,13 +393,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     cfg_file = directory / "tokenizer_config.json"
     if not cfg_file.is_file():
         return {}
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MobileLLMError(f"{cfg_file} is not valid JSON ({err}); fix or delete it") from None
-    if not isinstance(cfg, dict):
-        raise MobileLLMError(f"{cfg_file} must hold a JSON object; fix or delete it")
-    return cfg
+    return read_json_object(cfg_file, "fix or delete it")
 
 
 def _token_content(value: Any) -> str | None:

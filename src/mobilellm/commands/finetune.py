@@ -8,11 +8,9 @@ training-config key can be overridden with `--section.key value`.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 
-from mobilellm.commands.options import parse_overrides
+from mobilellm.commands.options import parse_overrides, print_training_summary
 from mobilellm.errors import MobileLLMError
 
 
@@ -83,11 +81,7 @@ def run(args) -> int:
     cfg = train_config.load(None, items)
     result = train(cfg, resume=args.resume, progress=not args.no_progress,
                    data_fn=lambda c, m, e: build_data(args, c, m, e), overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:
-        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        print(f"fine-tuned {result.steps} steps{val}\nfinal model: {result.final_dir}")
-        for line in result.warnings():
-            print(line, file=sys.stderr)
+    print_training_summary(result, f"fine-tuned {result.steps} steps")
     return 0
 
 

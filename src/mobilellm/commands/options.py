@@ -1,8 +1,10 @@
-"""Argument groups several commands share: sampling, the inference runtime, deprecated flag names."""
+"""What several commands share: sampling and inference-runtime arguments, deprecated flag names, the
+training summary."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mobilellm.errors import MobileLLMError
@@ -19,6 +21,17 @@ class Deprecated(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         print(f"note: {option_string} is deprecated; use {self.new_flag}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def print_training_summary(result, headline: str) -> None:
+    """After train(): on rank 0 only (one summary per run, not per process), `headline` plus the
+    validation loss, the final model's folder and the run's warnings (stderr)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"{headline}{val}\nfinal model: {result.final_dir}")
+    for line in result.warnings():
+        print(line, file=sys.stderr)
 
 
 def add_sampling_args(p, *, temperature: float = 0.0, max_new_tokens: int = 128) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
 
-from mobilellm.commands.options import parse_overrides
+from mobilellm.commands.options import parse_overrides, print_training_summary
 from mobilellm.errors import MobileLLMError
 from mobilellm.train.config import load
 
@@ -21,12 +19,7 @@ def run(args) -> int:
                              "`mobilellm quickstart` does every step for you)")
     cfg = load(args.config, overrides)
     result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary per run, not per process
-        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f}s{val}")
-        print(f"final model: {result.final_dir}")
-        for line in result.warnings():
-            print(line, file=sys.stderr)
+    print_training_summary(result, f"trained {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f}s")
     return 0
 
 

@@ -19,7 +19,6 @@ accumulation steps) sees exactly the samples the uninterrupted run would have se
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from mobilellm.data.prepare import FORMAT, FORMAT_VERSION
 from mobilellm.errors import MobileLLMError
+from mobilellm.fileio import read_json_object
 
 SUPPORTED_VERSIONS = (FORMAT_VERSION,)
 STATE_VERSION = 1
@@ -43,11 +43,8 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, Path]:
     if not file.is_file():
         raise MobileLLMError(f"no manifest.json at {path}; pass the output directory of `mobilellm prepare` "
                              f"(an interrupted prepare leaves none: run it again)")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MobileLLMError(f"{file} is not valid JSON ({err}); re-run `mobilellm prepare`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_object(file, "re-run `mobilellm prepare`")
+    if manifest.get("format") != FORMAT:
         raise MobileLLMError(f"{file} is not a `mobilellm prepare` manifest")
     if manifest.get("format_version") not in SUPPORTED_VERSIONS:
         raise MobileLLMError(f"{file} has format version {manifest.get('format_version')}, this mobilellm reads "
