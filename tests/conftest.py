@@ -34,6 +34,36 @@ def _seed_and_threads():
     yield
 
 
+def open_llama(path, n_ctx: int = 128):
+    """llama.cpp on a GGUF file, every position's logits kept; f32 KV cache: f16 alone moves logits ~0.1."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, type_k=0, type_v=0,
+                           verbose=False)
+
+
+def llama_logits(llm, tokens: list[int]):
+    """llama.cpp's logits at every position of `tokens`, from an empty cache."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(tokens)
+    return np.asarray(llm.scores[: len(tokens)])
+
+
+def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt` in llama.cpp (compare with greedy_tokens)."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
 def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens after `prompt` with the model's own KV cache: the reference runtimes match."""
     from mobilellm.model import KVCache

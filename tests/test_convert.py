@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import greedy_tokens, run_cli, shared_data
+from conftest import greedy_tokens, llama_greedy, llama_logits, open_llama, run_cli, shared_data
 from mobilellm.checkpoint import load_model_and_tokenizer, load_model_dir, save_model_dir, unrolled
 from mobilellm.config import get_preset
 from mobilellm.errors import MobileLLMError
@@ -239,27 +239,10 @@ def smollm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_original(smollm2):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=smollm2[0]["source"], n_ctx=256, n_threads=2, logits_all=True,
-                          type_k=0, type_v=0, verbose=False)  # f32 KV cache: f16 alone moves logits
+    pytest.importorskip("llama_cpp")
+    llm = open_llama(smollm2[0]["source"], n_ctx=256)
     yield llm
     llm.close()
-
-
-def llama_logits(llm, ids):
-    llm.reset()
-    llm.eval(ids)
-    return np.asarray(llm.scores[: len(ids)])
-
-
-def llama_greedy(llm, ids, n):
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([out[-1]])
-    return out
 
 
 # llama.cpp computes a Q4_1 matrix product against activations it rounds to 8 bits (Q8_1 blocks), so
@@ -307,12 +290,9 @@ def test_smollm2_logits_and_greedy_match_llama_cpp(smollm2, llama_original):
 
 
 def test_our_gguf_export_of_smollm2_runs_like_the_original(smollm2, llama_original, tmp_path):
-    import llama_cpp
-
     _, out, model, tok = smollm2
     export_gguf(model, out, tmp_path / "s.gguf", quant="q8_0")
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "s.gguf"), n_ctx=256, n_threads=2, logits_all=True,
-                          type_k=0, type_v=0, verbose=False)
+    llm = open_llama(tmp_path / "s.gguf", n_ctx=256)
     try:
         for text in PROMPTS[:3]:
             ids = tok.encode(text)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import greedy_tokens, run_cli, shared_data
+from conftest import greedy_tokens, llama_greedy, llama_logits, open_llama, run_cli, shared_data
 from mobilellm.checkpoint import save_model_dir
 from mobilellm.config import get_preset
 from mobilellm.errors import MobileLLMError
@@ -28,31 +28,6 @@ def bpe_tokenizer():
 def tiny(vocab_size, preset="mobilellm-tiny", **changes):
     cfg = get_preset(preset, vocab_size=vocab_size, ffn_dim=192, n_layers=2, **changes)
     return MobileLLM(cfg).eval()
-
-
-
-
-def open_llama(path, n_ctx=128):
-    # f32 KV cache: the default f16 cache alone moves logits by ~0.1
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, type_k=0, type_v=0,
-                           verbose=False)
-
-
-def llama_logits(llm, tokens):
-    llm.reset()
-    llm.eval(tokens)
-    return np.asarray(llm.scores[: len(tokens)])
-
-
-def llama_greedy(llm, prompt, n):
-    llm.reset()
-    llm.eval(prompt)
-    out = []
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    return out
 
 
 def check_runs_like_torch(model, model_dir, path, text, tokenizer, atol=1e-3):
