@@ -356,7 +356,7 @@ def gaps(spec: StudySpec, records: list[dict]) -> list[dict]:
     return out
 
 
-def write_plots(records: list[dict], rows: list[dict], out: Path, spec: StudySpec | None = None) -> list[Path]:
+def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list[dict] = ()) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,7 +403,7 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, spec: StudySpe
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         save(fig, "loss_vs_tokens.png")
-    found = [g for g in gaps(spec, records) if g["points"]] if spec else []
+    found = [g for g in gap_rows if g["points"]]
     if found:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for g in found:
@@ -577,9 +577,10 @@ def report(spec: StudySpec, out: Path, jobs: list[Job]) -> dict:
         for r in records:
             r.update(measured.get(r["variant"], {}))
     rows = table_rows(records)
-    write_json_atomic(out / "results.json", {"study": spec.name, "runs": records, "gaps": gaps(spec, records)})
-    markdown = write_tables(rows, out, spec, gaps(spec, records))
-    plots = write_plots(records, rows, out, spec)
+    gap_rows = gaps(spec, records)
+    write_json_atomic(out / "results.json", {"study": spec.name, "runs": records, "gaps": gap_rows})
+    markdown = write_tables(rows, out, spec, gap_rows)
+    plots = write_plots(records, rows, out, gap_rows)
     return {"out": out, "markdown": markdown, "plots": plots, "records": records}
 
 
@@ -592,13 +593,15 @@ def merge_runs(planned: list[Job], sources: list) -> int:
     A source is a spec's output folder or the parent of several (what `--out` got on another machine,
     job or worker). Returns how many runs were copied; runs already here are kept.
     """
+    sources = [Path(s) for s in sources]
+    for source in sources:
+        if not source.is_dir():
+            raise MobileLLMError(f"--merge {source}: no such folder")
     copied = 0
     for job in planned:
         if (job.run_dir / "eval.json").exists():
             continue
-        for source in map(Path, sources):
-            if not source.is_dir():
-                raise MobileLLMError(f"--merge {source}: no such folder")
+        for source in sources:
             found = next((c for c in (source / "runs" / job.run_name, source / job.spec.name / "runs" / job.run_name)
                           if (c / "eval.json").is_file()), None)
             if found is None:
