@@ -16,7 +16,6 @@ Shape: `--override dim=256 n_layers=12 ...` on `--preset` (default: a 12x256 var
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -49,7 +48,6 @@ def main() -> None:
     import transformers
 
     from mobilellm.checkpoint import save_model_dir
-    from mobilellm.config import get_preset
     from mobilellm.data.loader import PackedTokens
     from mobilellm.model import MobileLLM
     from mobilellm.train import config as train_config
@@ -57,9 +55,8 @@ def main() -> None:
     from mobilellm.train.trainer import CausalLMLoss
 
     data = PackedTokens(args.data, "train", args.seq_len)
-    base = get_preset(args.preset)
-    cfg = dataclasses.replace(base, vocab_size=data.vocab_size, **{
-        k: type(getattr(base, k))(v) for k, v in (item.split("=", 1) for item in args.override)})
+    cfg = train_config.load(None, [f"model.preset={args.preset}", f"model.overrides.vocab_size={data.vocab_size}",
+                                   *(f"model.overrides.{item}" for item in args.override)]).model_config()
     tcfg = train_config.load(None, [f"schedule.warmup_steps={args.warmup}", "schedule.kind=cosine",
                                     f"optim.lr={args.lr}", "data.train=[x]", f"run.max_steps={args.steps}"])
     device = torch.device(args.device)

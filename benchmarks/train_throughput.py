@@ -36,17 +36,14 @@ import train_scaling  # noqa: E402 (beside this file)
 def worker(args) -> dict:
     import torch
 
-    from mobilellm.config import get_preset
+    from mobilellm.train import config as train_config
     from mobilellm.train.trainer import measure_peak_tflops
 
     torch.manual_seed(0)
     device = torch.device("cuda")
-    cfg = get_preset(args.preset)
-    if args.override:  # any shape: --override dim=256 n_layers=28 ...
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in
-                                          (item.split("=", 1) for item in args.override)})
+    # any shape: --override dim=256 n_layers=28 ..., read by the trainer's own override parser
+    cfg = train_config.load(None, [f"model.preset={args.preset}",
+                                   *(f"model.overrides.{item}" for item in args.override or [])]).model_config()
     T, micro, accum = args.seq_len, args.micro_batch, args.global_batch // args.micro_batch
     data = torch.randint(0, cfg.vocab_size, (accum * micro, T + 1), device=device)
 
