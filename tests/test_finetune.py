@@ -91,6 +91,21 @@ def test_distillation_from_an_identical_teacher_has_zero_kl(tokenizer):
     assert model.embed_tokens.weight.grad is not None
 
 
+def test_validation_scores_the_students_own_cross_entropy_when_distilling(tokenizer):
+    model = MobileLLM(get_preset("mobilellm-tiny", vocab_size=300))
+    rows = sft.pack([sft.tokenize_conversation(c, tokenizer) for c in CONVERSATIONS], 64, 0, packing=True)
+    batch = sft.collate(rows)
+    loss = CausalLMLoss(model, 64, torch.float32)
+    with torch.no_grad():
+        plain = loss(**batch)
+        loss.distiller = Distiller(MobileLLM(get_preset("mobilellm-tiny", vocab_size=300)), alpha=0.5)
+        mixed = loss(**batch)  # training mode: the distillation mix
+        loss.eval()
+        scored = loss(**batch)
+    assert abs(mixed.item() - plain.item()) > 1e-3
+    torch.testing.assert_close(scored, plain)
+
+
 @pytest.fixture(scope="module")
 def distill_setup(tmp_path_factory, tokenizer):
     """A student and a different teacher (tiny model directories), and 9 packed rows of 64 tokens."""

@@ -49,7 +49,7 @@ class CausalLMLoss(nn.Module):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, row_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.model.hidden_states(inputs, positions=positions, attn_mask=attn_mask)  # (B, T, dim)
-        if self.distiller is not None:
+        if self.distiller is not None and self.training:  # validation scores the student's own cross-entropy
             extra = {"row_ids": row_ids} if row_ids is not None else {}  # fine-tuning rows: the teacher cache key
             return self.distiller(hidden, self.model.output_weight, inputs, targets, positions, attn_mask, **extra)
         return linear_cross_entropy(hidden, self.model.output_weight, targets, self.chunk_tokens, self.compute_dtype)
