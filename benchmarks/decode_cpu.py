@@ -2,6 +2,11 @@
 
     python benchmarks/decode_cpu.py                      # MobileLLM-125M shape, 32-token prompt, 128 new tokens
     python benchmarks/decode_cpu.py --threads 2 --repeats 3 --skip-compile
+    python benchmarks/decode_cpu.py --model runs/smollm2 --gguf smollm2   # a real model, real-text prompt
+
+With --model DIR the rows run on that model directory instead: the prompt is PROMPT_TEXT in its own
+tokenizer's ids, ours runs the native backend only (no layer-shared twin), llama.cpp runs on our GGUF
+exports of DIR and on --gguf FILE (a .gguf path, or a `mobilellm convert` shorthand such as `smollm2`).
 
 One random-weight model (vocab 32000, seed 0) is saved once as a model directory (a plain Llama
 that transformers loads) and, for the layer-sharing overhead, as 125M-LS. Every engine runs in its
@@ -37,6 +42,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
+PROMPT_TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+               "movable metal type, oil-based ink and a wooden screw press. Within fifty years, presses ran in "
+               "more than two hundred European cities, and books became cheap enough for ordinary readers. ")
 MATCHING_GGUF = {"fp32": "f32", "fp16": "f16", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
 
 
@@ -49,11 +57,13 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def prompt_ids(n: int, vocab: int) -> list[int]:
+def prompt_ids(a, vocab: int) -> list[int]:
+    if a.prompt_ids:  # --model: real text, tokenized once by the driver
+        return [int(t) for t in a.prompt_ids.split(",")]
     import random
 
     rng = random.Random(0)
-    return [rng.randrange(3, vocab) for _ in range(n)]
+    return [rng.randrange(3, vocab) for _ in range(a.prompt_tokens)]
 
 
 # ---- workers (one per subprocess) -------------------------------------------------------------
@@ -74,7 +84,7 @@ def work_ours(a) -> dict:
     eng = load_engine(a.model_dir, compile=a.compile, threads=a.threads, max_len=a.prompt_tokens + a.new_tokens,
                       need_tokenizer=False, backend=a.backend, **precision)
     load_s = time.perf_counter() - t
-    prompt = prompt_ids(a.prompt_tokens, eng.config.vocab_size)
+    prompt = prompt_ids(a, eng.config.vocab_size)
     t = time.perf_counter()
     eng.generate([prompt], SamplingParams(max_new_tokens=16, ignore_eos=True))  # warm-up (and compile)
     warm_s = time.perf_counter() - t
@@ -111,7 +121,7 @@ def work_hf(a) -> dict:
     t = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32).eval()
     load_s = time.perf_counter() - t
-    ids = torch.tensor([prompt_ids(a.prompt_tokens, model.config.vocab_size)])
+    ids = torch.tensor([prompt_ids(a, model.config.vocab_size)])
     kw = dict(do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=16, min_new_tokens=16, **kw)  # warm-up
@@ -139,7 +149,7 @@ def work_llamacpp(a) -> dict:
     llm = Llama(model_path=a.gguf, n_ctx=a.prompt_tokens + a.new_tokens + 16, n_threads=a.threads,
                 n_threads_batch=a.threads, n_batch=max(a.prompt_tokens, 8), verbose=False)
     load_s = time.perf_counter() - t
-    prompt = prompt_ids(a.prompt_tokens, llm.n_vocab())
+    prompt = prompt_ids(a, llm.n_vocab())
 
     def run(n):
         times, tokens = [], []
@@ -217,6 +227,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="runs per engine (median reported)")
+    p.add_argument("--model", default=None, help="a model directory to benchmark instead of random weights")
+    p.add_argument("--gguf", default=None, help="with --model: also run llama.cpp on this GGUF (a path or a "
+                   "`mobilellm convert` shorthand such as smollm2)")
     p.add_argument("--preset", default="mobilellm-125m")
     p.add_argument("--preset-ls", default="mobilellm-125m-ls", help="layer-shared twin ('' to skip)")
     p.add_argument("--skip-compile", action="store_true")
@@ -234,16 +247,30 @@ def main() -> None:
     p.add_argument("--weights", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="native", help=argparse.SUPPRESS)
-    p.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
     p.add_argument("--quant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker_main(a)
 
+    if a.gguf and not a.model:
+        p.error("--gguf needs --model")
     common = ["--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)]
     tmp = Path(tempfile.mkdtemp(prefix="decode_cpu_"))
-    dirs = build_models(tmp, a)
-    base = str(dirs[a.preset])
+    if a.model:
+        from mobilellm.checkpoint import load_config
+        from mobilellm.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(a.model)
+        text_ids = tok.encode(PROMPT_TEXT, bos=tok.add_bos)
+        while len(text_ids) < a.prompt_tokens:
+            text_ids += tok.encode(PROMPT_TEXT)
+        common += ["--prompt-ids", ",".join(map(str, text_ids[:a.prompt_tokens]))]
+        a.skip_torch_backend, a.skip_compile, a.preset_ls = True, True, ""
+        dirs, base, vocab = {}, a.model, load_config(a.model).vocab_size
+    else:
+        dirs = build_models(tmp, a)
+        base, vocab = str(dirs[a.preset]), 32000
     rows: list[tuple[str, str, str, str, list[str]]] = [  # name, engine, precision, python, worker args
         ("transformers fp32", "hf", "fp32", sys.executable, ["--model-dir", base]),
     ]
@@ -263,12 +290,17 @@ def main() -> None:
     llama_note = None
     if llama_py is None:
         llama_note = "llama.cpp: not run (no Python with llama_cpp + mobilellm.export.gguf found)"
-    elif not LLAMA2_TOKENIZER.exists():
+    elif not a.model and not LLAMA2_TOKENIZER.exists():
         llama_note = "llama.cpp: not run (GGUF export needs the LLaMA-2 tokenizer.model from the shared data)"
     else:
         for q in ("f32", "f16", "q8_0", "q4_0"):
             gguf_path = tmp / f"model-{q}.gguf"
             rows.append((f"llama.cpp {q.upper()}", "llamacpp", q, llama_py, ["--gguf", str(gguf_path)]))
+        if a.gguf:
+            from mobilellm.convert import resolve_source
+
+            gguf_file = resolve_source(a.gguf)
+            rows.append((f"llama.cpp {gguf_file.name}", "llamacpp", "file", llama_py, ["--gguf", str(gguf_file)]))
     if a.only:
         wanted = {s.strip() for s in a.only.split(",")}
         rows = [r for r in rows if r[0] in wanted]
@@ -277,7 +309,7 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {}
     for name, engine, precision, py, wargs in rows:
-        if engine == "llamacpp":
+        if engine == "llamacpp" and precision != "file":
             made = spawn(py, "gguf_export", ["--model-dir", base, "--gguf", wargs[1], "--quant", precision],
                          a.threads, a.timeout)
             if "error" in made:
@@ -299,7 +331,8 @@ def main() -> None:
         return statistics.median(vals) if vals else None
 
     hf = median("transformers fp32")
-    print(f"\n{a.preset} shape, vocab 32000, prompt {a.prompt_tokens}, {a.new_tokens} new tokens, greedy, "
+    what = f"{a.model} (real-text prompt)" if a.model else f"{a.preset} shape"
+    print(f"\n{what}, vocab {vocab}, prompt {a.prompt_tokens}, {a.new_tokens} new tokens, greedy, "
           f"{a.threads} threads, {a.repeats} interleaved runs each (median; range in brackets)\n")
     print("| engine | decode tok/s | x transformers | x llama.cpp (same precision) | prefill ms | peak RSS MiB "
           "| RSS after MiB |")
