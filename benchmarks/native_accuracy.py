@@ -27,6 +27,16 @@ from mobilellm.eval.scoring import LoglikelihoodScorer
 from mobilellm.inference.select import build_backend
 
 
+def next_token_logits(backend, prefix: list[int], targets: list[int]) -> torch.Tensor:
+    """(len(targets), V) fp32 logits predicting each target: one prefill of prefix, then one decode
+    step per target but the last, in cache row 0 (freed afterwards)."""
+    logits = [backend.prefill(0, prefix)]
+    for tok in targets[:-1]:
+        logits.append(backend.decode([0], [tok])[0])
+    backend.free(0)
+    return torch.stack(logits).float()
+
+
 class NativeScorer(LoglikelihoodScorer):
     """lm-eval log-likelihoods from a generation backend: prefill the context, decode the continuation."""
 
@@ -38,11 +48,7 @@ class NativeScorer(LoglikelihoodScorer):
         return [self._one(ctx, cont) for ctx, cont in pairs]
 
     def _one(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-        logits = [self.backend.prefill(0, ctx)]
-        for tok in cont[:-1]:
-            logits.append(self.backend.decode([0], [tok])[0])
-        self.backend.free(0)
-        logp = F.log_softmax(torch.stack(logits).float(), dim=-1)
+        logp = F.log_softmax(next_token_logits(self.backend, ctx, cont), dim=-1)
         target = torch.tensor(cont)
         return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
 
@@ -53,11 +59,8 @@ def window_nll(backend, ids: list[int], window: int) -> tuple[float, int]:
         chunk = ids[start:start + window + 1]
         if len(chunk) < 2:
             break
-        logits = [backend.prefill(0, chunk[:1])]
-        for tok in chunk[1:-1]:
-            logits.append(backend.decode([0], [tok])[0])
-        backend.free(0)
-        total += float(F.cross_entropy(torch.stack(logits).float(), torch.tensor(chunk[1:]), reduction="sum"))
+        logits = next_token_logits(backend, chunk[:1], chunk[1:])
+        total += float(F.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum"))
         count += len(chunk) - 1
     return total, count
 
