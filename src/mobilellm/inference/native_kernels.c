@@ -244,6 +244,10 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *cons
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
 
+/* calls of at most this many tokens (decode steps) normalize and quantize activations in every
+   thread instead of splitting them: a few hundred values, cheaper than the barrier it saves */
+#define SMALL_N 8
+
 typedef struct {
     uint8_t *q;      /* (n, ld) quantized activations, u = q + 128 */
     float *scale;    /* (n,) */
@@ -251,19 +255,51 @@ typedef struct {
     int ld;
 } QActs;
 
-static void quantize_row(const float *x, int cols, uint8_t *u, float *scale, int32_t *zero) {
+/* Position of activation k in the quad order the VNNI int4 kernel reads (see dot4_i4_quads): within
+   each run of 4 groups (128 values; the last run may have fewer, t), first values 0-15 of the t
+   groups, then values 16-31. Runs of 16 values stay together. */
+static inline int quad_position(int k, int cols) {
+    const int q = k / 128 * 128, r = k - q, t = cols - q < 128 ? (cols - q) / 32 : 4;
+    const int g = r / 32, j = r % 32;
+    return q + (j < 16 ? 16 * g + j : 16 * t + 16 * g + j - 16);
+}
+
+static void quantize_row(const float *x, int cols, uint8_t *u, float *scale, int32_t *zero, int quads) {
     const float eps = 1.1920928955078125e-07f;  /* float32 eps: quantize._EPS */
     float lo = 0.f, hi = 0.f;                   /* the range always holds 0 */
-    for (int k = 0; k < cols; k++) { lo = x[k] < lo ? x[k] : lo; hi = x[k] > hi ? x[k] : hi; }
+    int k = 0;
+#ifdef HAVE_AVX512
+    __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
+    for (; k + 16 <= cols; k += 16) {
+        const __m512 v = _mm512_loadu_ps(x + k);
+        vlo = _mm512_min_ps(vlo, v);
+        vhi = _mm512_max_ps(vhi, v);
+    }
+    lo = _mm512_reduce_min_ps(vlo);
+    hi = _mm512_reduce_max_ps(vhi);
+#endif
+    for (; k < cols; k++) { lo = x[k] < lo ? x[k] : lo; hi = x[k] > hi ? x[k] : hi; }
     float s = (hi - lo) / 255.f;
     s = s > eps ? s : eps;
     float z = -128.f - nearbyintf(lo / s);  /* round half to even, as torch.round */
     z = z < -128.f ? -128.f : (z > 127.f ? 127.f : z);
     const float inv = 1.f / s;
-    for (int k = 0; k < cols; k++) {
+    k = 0;
+#ifdef HAVE_AVX512
+    if (cols % 16 == 0) {  /* 16 values at a time: rounded to nearest even (the default mode), clamped */
+        const __m512 vz = _mm512_set1_ps(z + 128.f), vinv = _mm512_set1_ps(inv);
+        for (; k < cols; k += 16) {
+            const __m512 q = _mm512_add_ps(_mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv),
+                                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+            const __m512 c = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), _mm512_set1_ps(255.f));
+            _mm_storeu_si128((__m128i *)(u + (quads ? quad_position(k, cols) : k)), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
+        }
+    }
+#endif
+    for (; k < cols; k++) {
         float q = nearbyintf(x[k] * inv) + z;
         q = q < -128.f ? -128.f : (q > 127.f ? 127.f : q);
-        u[k] = (uint8_t)((int)q + 128);
+        u[quads ? quad_position(k, cols) : k] = (uint8_t)((int)q + 128);
     }
     *scale = s;
     *zero = (int32_t)z + 128;
@@ -307,7 +343,7 @@ static void dot4_i4_scalar(const uint8_t *u, const uint8_t *const *w, const floa
 #define PREFETCH_BYTES 8192
 #endif
 #define AVX2 __attribute__((target("avx2,fma")))
-#define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vnni")))
+#define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
 static AVX2 inline int32_t hsum8(__m256i v) {
     __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -360,80 +396,110 @@ static AVX2 void dot4_i4_avx2(const uint8_t *u, const uint8_t *const *w, const f
     for (int i = 0; i < 4; i++) out[i] = hsum8f(acc[i]);
 }
 
-static VNNI void dot4_i8_vnni(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
-    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+/* the sums of 4 vectors' lanes at once: two rounds of interleave-and-add leave, in each 128-bit
+   lane, [a b c d] partial sums, then the 4 lanes are added (a quarter of 4 separate reductions;
+   with 576-column rows the reductions cost as much as the products) */
+static VNNI inline __m128i reduce4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
+static VNNI inline __m128 reduce4_ps(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+/* 4 rows times NT tokens (1 or 4): each weight vector loaded feeds NT tokens (prefill is
+   compute-bound); a tail of fewer than 64 columns goes to the AVX2 kernel */
+static VNNI inline __attribute__((always_inline)) void dot4_i8_tile(const uint8_t *const *u, const int NT,
+                                                                    const int8_t *const *w, int n, int32_t out[4][4]) {
+    __m512i acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_si512();
     int k = 0;
     for (; k + 64 <= n; k += 64) {
-        const __m512i x = _mm512_loadu_si512(u + k);
+        __m512i x[4];
+        for (int j = 0; j < NT; j++) x[j] = _mm512_loadu_si512(u[j] + k);
         for (int i = 0; i < 4; i++) {
             _mm_prefetch((const char *)(w[i] + k) + PREFETCH_BYTES, _MM_HINT_T0);
-            acc[i] = _mm512_dpbusd_epi32(acc[i], x, _mm512_loadu_si512(w[i] + k));
+            const __m512i wk = _mm512_loadu_si512(w[i] + k);
+            for (int j = 0; j < NT; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], x[j], wk);
         }
     }
     const int8_t *tail[4] = {w[0] + k, w[1] + k, w[2] + k, w[3] + k};
-    dot4_i8_avx2(u + k, tail, n - k, out);
-    for (int i = 0; i < 4; i++) out[i] += _mm512_reduce_add_epi32(acc[i]);
+    for (int j = 0; j < NT; j++) {
+        int32_t rest[4], sums[4];
+        dot4_i8_avx2(u[j] + k, tail, n - k, rest);
+        _mm_storeu_si128((__m128i *)sums, reduce4_epi32(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+        for (int i = 0; i < 4; i++) out[i][j] = rest[i] + sums[i];
+    }
 }
 
-/* two groups per step: their 32 packed bytes unpack to [lo0 lo1 hi0 hi1] (16-byte lanes), reordered
-   to the activations' order [lo0 hi0 lo1 hi1]; int32 lanes 0-7 are group g, lanes 8-15 group g + 1.
-   The values stay + 8 (unsigned nibbles): the sums start from -8 * (the activations' sums) instead. */
-static VNNI inline __m512i unpack_pair(const uint8_t *w) {
-    const __m256i m = _mm256_set1_epi8(15), b = _mm256_loadu_si256((const __m256i *)w);
-    const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    return _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
+static VNNI void dot4_i8_vnni(const uint8_t *const *u, int nt, const int8_t *const *w, int n, int32_t out[4][4]) {
+    if (nt == 4) return dot4_i8_tile(u, 4, w, n, out);
+    for (int j = 0; j < nt; j++) {
+        int32_t one[4][4];
+        dot4_i8_tile(u + j, 1, w, n, one);
+        for (int i = 0; i < 4; i++) out[i][j] = one[i][0];
+    }
 }
 
-static VNNI void dot4_i4_vnni(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int g = 0;
-    for (; g + 2 <= groups; g += 2) {
-        const __m512i x = _mm512_loadu_si512(u + 32 * g);
-        const __m512i start = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi8(-8));
+/* 4 groups per step, for NT tokens (1 or 4) at once: the 4 groups' 64 packed bytes are one load,
+   and a mask and a shift give the low nibbles (values 0-15 of each group) and the high ones (values
+   16-31), which the activations in quad order (quantize_row) match byte for byte. int32 lane l sums 4
+   products of group l / 4, so one scale vector [s0 x4, s1 x4, s2 x4, s3 x4] applies them. The
+   nibbles stay + 8 (unsigned): each token's sums start from -8 * its activations' sums. A last step
+   of t < 4 groups is the same with masked loads (zero lanes add nothing). */
+static VNNI inline __attribute__((always_inline)) void dot4_i4_quads(const uint8_t *const *u, const int NT,
+                                                                     const uint8_t *const *w, const float *const *s,
+                                                                     int groups, float out[4][4]) {
+    const __m512i nib = _mm512_set1_epi8(15), minus8 = _mm512_set1_epi8(-8);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g += 4) {
+        const int t = groups - g < 4 ? groups - g : 4;
+        const __mmask64 bytes = t == 4 ? ~0ULL : (1ULL << (16 * t)) - 1;
+        __m512i xlo[4], xhi[4], start[4];
+        for (int j = 0; j < NT; j++) {
+            xlo[j] = _mm512_maskz_loadu_epi8(bytes, u[j] + 32 * g);
+            xhi[j] = _mm512_maskz_loadu_epi8(bytes, u[j] + 32 * g + 16 * t);
+            start[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xlo[j], minus8), xhi[j], minus8);
+        }
         for (int i = 0; i < 4; i++) {
             _mm_prefetch((const char *)(w[i] + 16 * g) + PREFETCH_BYTES, _MM_HINT_T0);
-            const __m512i sum = _mm512_dpbusd_epi32(start, x, unpack_pair(w[i] + 16 * g));
-            const __m512 scale = _mm512_mask_mov_ps(_mm512_set1_ps(s[i][g]), 0xFF00, _mm512_set1_ps(s[i][g + 1]));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i]);
+            const __m512i b = _mm512_maskz_loadu_epi8(bytes, w[i] + 16 * g);
+            const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+            const __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_maskz_loadu_ps((1 << t) - 1, s[i] + g)));
+            for (int j = 0; j < NT; j++) {
+                const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start[j], xlo[j], lo), xhi[j], hi);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i][j]);
+            }
         }
     }
-    float tail[4] = {0.f, 0.f, 0.f, 0.f};
-    if (g < groups) {
-        const uint8_t *wt[4] = {w[0] + 16 * g, w[1] + 16 * g, w[2] + 16 * g, w[3] + 16 * g};
-        const float *st[4] = {s[0] + g, s[1] + g, s[2] + g, s[3] + g};
-        dot4_i4_avx2(u + 32 * g, wt, st, groups - g, tail);
+    for (int j = 0; j < NT; j++) {
+        float sums[4];
+        _mm_storeu_ps(sums, reduce4_ps(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+        for (int i = 0; i < 4; i++) out[i][j] = sums[i];
     }
-    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + tail[i];
 }
 
-/* Prefill: the 4 rows' pairs of groups unpacked once into wu (row i at wu + i * ld, pair p at 64 p),
-   then dot4_i4_vnni's arithmetic on them for every token, without unpacking again. */
-static VNNI void unpack4_i4_vnni(const uint8_t *const *w, int groups, uint8_t *wu, int ld) {
-    for (int i = 0; i < 4; i++)
-        for (int g = 0; g + 2 <= groups; g += 2) _mm512_storeu_si512(wu + (size_t)i * ld + 32 * g, unpack_pair(w[i] + 16 * g));
-}
-
-static VNNI void dot4_i4u_vnni(const uint8_t *u, const uint8_t *wu, int ld, const uint8_t *const *w, const float *const *s,
-                               int groups, float *out) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int g = 0;
-    for (; g + 2 <= groups; g += 2) {
-        const __m512i x = _mm512_loadu_si512(u + 32 * g);
-        const __m512i start = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi8(-8));
-        for (int i = 0; i < 4; i++) {
-            const __m512i sum = _mm512_dpbusd_epi32(start, x, _mm512_loadu_si512(wu + (size_t)i * ld + 32 * g));
-            const __m512 scale = _mm512_mask_mov_ps(_mm512_set1_ps(s[i][g]), 0xFF00, _mm512_set1_ps(s[i][g + 1]));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i]);
-        }
+static VNNI void dot4_i4_vnni(const uint8_t *const *u, int nt, const uint8_t *const *w, const float *const *s,
+                              int groups, float out[4][4]) {
+    if (nt == 4) return dot4_i4_quads(u, 4, w, s, groups, out);
+    for (int j = 0; j < nt; j++) {
+        float one[4][4];
+        dot4_i4_quads(u + j, 1, w, s, groups, one);
+        for (int i = 0; i < 4; i++) out[i][j] = one[i][0];
     }
-    float tail[4] = {0.f, 0.f, 0.f, 0.f};
-    if (g < groups) {
-        const uint8_t *wt[4] = {w[0] + 16 * g, w[1] + 16 * g, w[2] + 16 * g, w[3] + 16 * g};
-        const float *st[4] = {s[0] + g, s[1] + g, s[2] + g, s[3] + g};
-        dot4_i4_avx2(u + 32 * g, wt, st, groups - g, tail);
-    }
-    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + tail[i];
 }
 #endif
 
@@ -446,71 +512,106 @@ int mobilellm_isa(int force) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = ISA_AVX2;
-    if (best == ISA_AVX2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni")) best = ISA_VNNI;
+    if (best == ISA_AVX2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni"))
+        best = ISA_VNNI;
 #endif
     if (force >= 0) isa = force < best ? force : best;
     else if (isa < 0) isa = best;
     return isa;
 }
 
-static void dot4_i8(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
+/* out[i][j] = row i . token j for 4 rows and nt <= 4 tokens (exact int32 sums) */
+static void dot4_i8(const uint8_t *const *u, int nt, const int8_t *const *w, int n, int32_t out[4][4]) {
 #if defined(__x86_64__)
-    if (isa == ISA_VNNI) return dot4_i8_vnni(u, w, n, out);
-    if (isa == ISA_AVX2) return dot4_i8_avx2(u, w, n, out);
+    if (isa == ISA_VNNI) return dot4_i8_vnni(u, nt, w, n, out);
 #endif
-    dot4_i8_scalar(u, w, n, out);
+    for (int j = 0; j < nt; j++) {
+        int32_t one[4];
+#if defined(__x86_64__)
+        if (isa == ISA_AVX2) dot4_i8_avx2(u[j], w, n, one);
+        else
+#endif
+            dot4_i8_scalar(u[j], w, n, one);
+        for (int i = 0; i < 4; i++) out[i][j] = one[i];
+    }
 }
 
-static void dot4_i4(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
+/* out[i][j] = row i . token j for 4 rows and nt <= 4 tokens */
+static void dot4_i4(const uint8_t *const *u, int nt, const uint8_t *const *w, const float *const *s, int groups,
+                    float out[4][4]) {
 #if defined(__x86_64__)
-    if (isa == ISA_VNNI) return dot4_i4_vnni(u, w, s, groups, out);
-    if (isa == ISA_AVX2) return dot4_i4_avx2(u, w, s, groups, out);
+    if (isa == ISA_VNNI) return dot4_i4_vnni(u, nt, w, s, groups, out);
 #endif
-    dot4_i4_scalar(u, w, s, groups, out);
+    for (int j = 0; j < nt; j++) {
+        float one[4];
+#if defined(__x86_64__)
+        if (isa == ISA_AVX2) dot4_i4_avx2(u[j], w, s, groups, one);
+        else
+#endif
+            dot4_i4_scalar(u[j], w, s, groups, one);
+        for (int i = 0; i < 4; i++) out[i][j] = one[i];
+    }
 }
 
-/* The integer version of matmul below (same contract): activations quantized once, shared by the
-   threads; then every (row, token) is one integer dot product, so a token's result never depends
-   on the other tokens of the call (nor on which rows share its 4-row step: rows are independent). */
-static void matmul_int(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, const QActs *qa,
-                       uint8_t *buf) {
+/* The integer version of matmul below (same contract): activations quantized once per matrix; then
+   every (row, token) is one integer dot product, so a token's result never depends on the other
+   tokens of the call (nor on which rows or tokens share a step: each is computed alone). A call of
+   at most SMALL_N tokens (decode) quantizes them in every thread (`mine`, when it is not `shared`): no
+   barrier, no thread idle while another quantizes; otherwise the threads split the rows of `shared`. */
+static void matmul_int(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, const QActs *shared,
+                       const QActs *mine) {
     const int cols = m->cols, groups = cols / 32;
+    const int quads = m->type == W_I4 && isa == ISA_VNNI;
+    const int own = n <= SMALL_N && mine != shared;
+    const QActs *qa = own ? mine : shared;
+    if (own) {
+        for (int t = 0; t < n; t++)
+            quantize_row(x + (size_t)t * ldx, cols, qa->q + (size_t)t * qa->ld, qa->scale + t, qa->zero + t, quads);
+    } else {
 #pragma omp for schedule(static)
-    for (int t = 0; t < n; t++)
-        quantize_row(x + (size_t)t * ldx, cols, qa->q + (size_t)t * qa->ld, qa->scale + t, qa->zero + t);
+        for (int t = 0; t < n; t++)
+            quantize_row(x + (size_t)t * ldx, cols, qa->q + (size_t)t * qa->ld, qa->scale + t, qa->zero + t, quads);
+    }
 #pragma omp for schedule(static)
     for (int r0 = 0; r0 < m->rows; r0 += 4) {
         const int nr = m->rows - r0 < 4 ? m->rows - r0 : 4;
         int r[4];
         for (int i = 0; i < 4; i++) r[i] = r0 + (i < nr ? i : nr - 1);
-        for (int t = 0; t < n; t++) {
-            const uint8_t *u = qa->q + (size_t)t * qa->ld;
-            float v[4];
-            if (m->type == W_I8) {
-                const int8_t *w[4];
-                int32_t acc[4];
-                for (int i = 0; i < 4; i++) w[i] = (const int8_t *)m->data + (size_t)r[i] * cols;
-                dot4_i8(u, w, cols, acc);
-                for (int i = 0; i < 4; i++)
-                    v[i] = m->scale[r[i]] * qa->scale[t] * (float)(acc[i] - qa->zero[t] * ((const int32_t *)m->aux)[r[i]]);
-            } else {
-                const uint8_t *w[4];
-                const float *s[4];
-                float acc[4];
-                for (int i = 0; i < 4; i++) {
-                    w[i] = (const uint8_t *)m->data + (size_t)r[i] * (cols / 2);
-                    s[i] = m->scale + (size_t)r[i] * groups;
-                }
-#if defined(__x86_64__)
-                if (isa == ISA_VNNI && n > 1) {  /* buf: 4 unpacked rows of `cols` bytes */
-                    if (t == 0) unpack4_i4_vnni(w, groups, buf, cols);
-                    dot4_i4u_vnni(u, buf, cols, w, s, groups, acc);
-                } else
-#endif
-                    dot4_i4(u, w, s, groups, acc);
-                for (int i = 0; i < 4; i++) v[i] = qa->scale[t] * (acc[i] - (float)qa->zero[t] * ((const float *)m->aux)[r[i]]);
+        if (m->type == W_I8) {
+            const int8_t *w[4];
+            for (int i = 0; i < 4; i++) w[i] = (const int8_t *)m->data + (size_t)r[i] * cols;
+            for (int t = 0; t < n; t += 4) {
+                const int nt = n - t < 4 ? n - t : 4;
+                const uint8_t *u[4];
+                for (int j = 0; j < nt; j++) u[j] = qa->q + (size_t)(t + j) * qa->ld;
+                int32_t acc[4][4];
+                dot4_i8(u, nt, w, cols, acc);
+                for (int j = 0; j < nt; j++)
+                    for (int i = 0; i < nr; i++)
+                        put(y + (size_t)(t + j) * ldy + r0 + i,
+                            m->scale[r[i]] * qa->scale[t + j] *
+                                (float)(acc[i][j] - qa->zero[t + j] * ((const int32_t *)m->aux)[r[i]]), add);
             }
-            for (int i = 0; i < nr; i++) put(y + (size_t)t * ldy + r0 + i, v[i], add);
+            continue;
+        }
+        const uint8_t *w[4];
+        const float *s[4];
+        for (int i = 0; i < 4; i++) {
+            w[i] = (const uint8_t *)m->data + (size_t)r[i] * (cols / 2);
+            s[i] = m->scale + (size_t)r[i] * groups;
+        }
+        for (int t = 0; t < n; t += 4) {
+            const int nt = n - t < 4 ? n - t : 4;
+            const uint8_t *u[4];
+            for (int j = 0; j < nt; j++) u[j] = qa->q + (size_t)(t + j) * qa->ld;
+            float acc[4][4];
+            dot4_i4(u, nt, w, s, groups, acc);
+            for (int j = 0; j < nt; j++)
+                for (int i = 0; i < nr; i++)
+                    put(y + (size_t)(t + j) * ldy + r0 + i,
+                        qa->scale[t + j] * (acc[i][j] - (float)qa->zero[t + j] * ((const float *)m->aux)[r[i]]), add);
         }
     }
 }
@@ -518,12 +619,12 @@ static void matmul_int(const Matrix *m, const float *x, int ldx, int n, float *y
 /* y[t, r] = (add ? y[t, r] : 0) + W[r] . x[t] for n tokens; rows split over the threads.
    Runs inside a parallel region and ends with its barrier; buf holds 4 rows of fp32 (and one more
    for the bf16 path). xb: scratch for bf16 activations where a prefill may use them, else NULL:
-   then bf16 weights multiply bf16-rounded activations. qa: scratch for integer weights' activations
-   (and buf for unpacked int4 rows). */
+   then bf16 weights multiply bf16-rounded activations. qa, mine: scratch for integer weights'
+   activations, shared and this thread's (see matmul_int). */
 static void matmul(const Matrix *m, const float *x, int ldx, int n, float *y, int ldy, int add, float *buf,
-                   uint16_t *xb, const QActs *qa) {
+                   uint16_t *xb, const QActs *qa, const QActs *mine) {
     if (m->type == W_I8 || m->type == W_I4) {
-        matmul_int(m, x, ldx, n, y, ldy, add, qa, (uint8_t *)buf);
+        matmul_int(m, x, ldx, n, y, ldy, add, qa, mine);
         return;
     }
     if (n == 1) {
@@ -577,7 +678,35 @@ static void rms_norm(const float *x, const float *w, int dim, float eps, float *
     for (int k = 0; k < dim; k++) y[k] = w[k] * (x[k] * inv);
 }
 
+/* RMSNorm of n rows of x into y: split over the threads, or for a small call (own = 1) every
+   thread normalizes all rows into its own y, with no barrier */
+static void norm_rows(const float *x, const float *w, int dim, int n, float eps, float *y, int own) {
+    if (own) {
+        for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * dim, w, dim, eps, y + (size_t)t * dim);
+        return;
+    }
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * dim, w, dim, eps, y + (size_t)t * dim);
+}
+
 static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* h[j] = silu(h[j]) * h[F + j] (SwiGLU) or relu(h[j]) for j in [from, to) */
+static void activate(float *h, int F, int from, int to, int swiglu) {
+    int j = from;
+    if (!swiglu) {
+        for (; j < to; j++) h[j] = h[j] > 0.f ? h[j] : 0.f;
+        return;
+    }
+#ifdef HAVE_AVX512
+    for (; j + 16 <= to; j += 16) {
+        const __m512 g = _mm512_loadu_ps(h + j);
+        const __m512 sig = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(h + j, _mm512_mul_ps(sig, _mm512_loadu_ps(h + F + j)));
+    }
+#endif
+    for (; j < to; j++) h[j] = silu(h[j]) * h[F + j];
+}
 
 int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_t *rows,
                       const int32_t *positions, int n_out, const int32_t *out_index, float *logits,
@@ -593,11 +722,13 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
 
     /* all scratch up front: a thread cannot leave a parallel region early */
     const int ldq = (widest + 63) / 64 * 64;  /* quantized activations: bytes per token */
+    const int small = n <= SMALL_N;           /* then every thread normalizes and quantizes for itself */
+    const size_t mine = small ? (size_t)n * D + (size_t)n * ldq / 4 + 2 * (size_t)n : 0;  /* floats */
     const size_t sizes[] = {(size_t)n * D, (size_t)n * D, (size_t)n * qkv_dim, (size_t)n * H * hd,
                             (size_t)n * up_dim, (size_t)threads * per_thread, (size_t)n * widest / 2 + 32,
-                            2 * (size_t)n, (size_t)n * ldq / 4 + 16};
+                            2 * (size_t)n, (size_t)n * ldq / 4 + 16, (size_t)threads * mine};
     size_t total = 0;
-    for (int i = 0; i < 9; i++) total += sizes[i];
+    for (int i = 0; i < 10; i++) total += sizes[i];
     float *scratch = malloc(sizeof(float) * total);
     if (!scratch) return -1;
     float *x = scratch, *xn = x + sizes[0], *qkv = xn + sizes[1], *att = qkv + sizes[2], *h = att + sizes[3];
@@ -609,20 +740,26 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
     uint16_t *xb = one_row ? (uint16_t *)(thread_rows + sizes[5]) : NULL;
     float *qscale = thread_rows + sizes[5] + sizes[6];
     const QActs qa = {(uint8_t *)(qscale + sizes[7]), qscale, (int32_t *)(qscale + n), ldq};
+    float *thread_own = qscale + sizes[7] + sizes[8];
     mobilellm_isa(-1);
 
 #pragma omp parallel num_threads(threads)
     {
         float *buf = thread_rows + (size_t)omp_get_thread_num() * per_thread;
+        /* small calls: this thread's normalized activations (xs) and its quantized ones */
+        float *own = thread_own + (size_t)omp_get_thread_num() * mine;
+        float *xs = small ? own : xn;
+        const QActs qmine = small ? (QActs){(uint8_t *)(own + (size_t)n * D + 2 * (size_t)n), own + (size_t)n * D,
+                                            (int32_t *)(own + (size_t)n * D + n), ldq}
+                                  : qa;
 #pragma omp for schedule(static)
         for (int t = 0; t < n; t++) memcpy(x + (size_t)t * D, net->embed + (size_t)tokens[t] * D, sizeof(float) * D);
 
         for (int layer = 0; layer < net->n_logical; layer++) {
             const Block *b = &net->blocks[net->layer_to_block[layer]];
             const size_t slot = (size_t)layer * net->max_batch;
-#pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * D, b->ln1, D, net->eps, xn + (size_t)t * D);
-            matmul(&b->qkv, xn, D, n, qkv, qkv_dim, 0, buf, xb, &qa);
+            norm_rows(x, b->ln1, D, n, net->eps, xs, small);
+            matmul(&b->qkv, xs, D, n, qkv, qkv_dim, 0, buf, xb, &qa, &qmine);
             /* RoPE on queries and keys (adjacent pairs), then keys/values into the cache */
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) {
@@ -661,24 +798,22 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
                     for (int k = 0; k < hd; k++) out[k] += p * vj[k];
                 }
             }
-            matmul(&b->o, att, H * hd, n, x, D, 1, buf, xb, &qa);
+            matmul(&b->o, att, H * hd, n, x, D, 1, buf, xb, &qa, &qmine);
+            norm_rows(x, b->ln2, D, n, net->eps, xs, small);
+            matmul(&b->up, xs, D, n, h, up_dim, 0, buf, xb, &qa, &qmine);
+            /* the activation split over (token, 256 columns): at batch 1 both threads share it */
+            const int spans = (F + 255) / 256;
 #pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * D, b->ln2, D, net->eps, xn + (size_t)t * D);
-            matmul(&b->up, xn, D, n, h, up_dim, 0, buf, xb, &qa);
-#pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) {
-                float *ht = h + (size_t)t * up_dim;
-                if (net->swiglu)
-                    for (int j = 0; j < F; j++) ht[j] = silu(ht[j]) * ht[F + j];
-                else
-                    for (int j = 0; j < F; j++) ht[j] = ht[j] > 0.f ? ht[j] : 0.f;
+            for (int i = 0; i < n * spans; i++) {
+                const int t = i / spans, from = i % spans * 256;
+                activate(h + (size_t)t * up_dim, F, from, from + 256 < F ? from + 256 : F, net->swiglu);
             }
-            matmul(&b->down, h, up_dim, n, x, D, 1, buf, xb, &qa);
+            matmul(&b->down, h, up_dim, n, x, D, 1, buf, xb, &qa, &qmine);
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < n_out; i++)
             rms_norm(x + (size_t)out_index[i] * D, net->norm, D, net->eps, xn + (size_t)i * D);
-        matmul(&net->head, xn, D, n_out, logits, net->vocab, 0, buf, xb, &qa);
+        matmul(&net->head, xn, D, n_out, logits, net->vocab, 0, buf, xb, &qa, small ? &qmine : &qa);
     }
     free(scratch);
     return 0;
@@ -694,7 +829,7 @@ int mobilellm_matmul(const Matrix *m, const float *x, int n, float *y, int threa
     const QActs qa = {(uint8_t *)(qscale + 2 * (size_t)n), qscale, (int32_t *)(qscale + n), ldq};
     mobilellm_isa(-1);
 #pragma omp parallel num_threads(threads)
-    matmul(m, x, cols, n, y, m->rows, 0, buf + (size_t)omp_get_thread_num() * 5 * cols, NULL, &qa);
+    matmul(m, x, cols, n, y, m->rows, 0, buf + (size_t)omp_get_thread_num() * 5 * cols, NULL, &qa, &qa);
     free(buf);
     return 0;
 }
