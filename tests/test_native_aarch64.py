@@ -36,14 +36,24 @@ def build(out: Path, march: str) -> Path:
     return out
 
 
-def run(exe: Path, mode: str, data: bytes, tmp_path: Path, isa: int | None = None, cpu: str | None = None):
-    """(the integer kernels' ISA number the driver used, its output as fp32)"""
+def run(exe: Path, mode: str, data: bytes, tmp_path: Path, isa: int | None = None, cpu: str | None = None,
+        log: Path | None = None):
+    """(the integer kernels' ISA number the driver used, its output as fp32); log: qemu's record of
+    the instructions it translated (so of those that ran)"""
     (tmp_path / "in").write_bytes(data)
-    cmd = [QEMU, *(["-cpu", cpu] if cpu else []), str(exe), mode, str(tmp_path / "in"), str(tmp_path / "out")]
+    cmd = [QEMU, *(["-cpu", cpu] if cpu else []), *(["-d", "in_asm", "-D", str(log)] if log else []),
+           str(exe), mode, str(tmp_path / "in"), str(tmp_path / "out")]
     proc = subprocess.run(cmd + ([str(isa)] if isa is not None else []), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     used = int(proc.stdout.split()[1])
     return used, torch.frombuffer(bytearray((tmp_path / "out").read_bytes()), dtype=torch.float32)
+
+
+def ran_udot(log: Path) -> bool:
+    """Whether a UDOT (vector) instruction ran: qemu 7's disassembler shows it as .byte, so by its
+    encoding in the log's "0xADDRESS:  WORD" lines."""
+    words = (line.split()[1] for line in log.read_text().splitlines() if line.startswith("0x"))
+    return any(int(w, 16) & 0xFFE0FC00 == 0x6E809400 for w in words if len(w) == 8)
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +186,16 @@ def test_aarch64_integer_kernels_match_x86(driver, generic_driver, tmp_path, pre
     x = torch.randn(n, cols) * 3
     data = serialize_matrix(native.integer_weights(q, scale, precision), precision, x)
     runs = {"neon": run(driver, "matmul", data, tmp_path), "scalar": run(driver, "matmul", data, tmp_path, isa=SCALAR),
-            "generic": run(generic_driver, "matmul", data, tmp_path),  # qemu's CPU has dot products: found at run time
-            "fallback": run(generic_driver, "matmul", data, tmp_path, cpu=NO_DOTPROD)}
+            # qemu's default CPU has dot products: found at run time
+            "generic": run(generic_driver, "matmul", data, tmp_path, log=tmp_path / "neon.log"),
+            "generic scalar": run(generic_driver, "matmul", data, tmp_path, isa=SCALAR, log=tmp_path / "scalar.log"),
+            "fallback": run(generic_driver, "matmul", data, tmp_path, cpu=NO_DOTPROD),
+            "avx2": run(driver, "matmul", data, tmp_path, isa=native.ISAS.index("avx2"))}  # an x86 set: plain C
     assert {k: native.ISAS[u] for k, (u, _) in runs.items()} == {
-        "neon": "neon-dotprod", "scalar": "scalar", "generic": "neon-dotprod", "fallback": "scalar"}
+        "neon": "neon-dotprod", "scalar": "scalar", "generic": "neon-dotprod", "generic scalar": "scalar",
+        "fallback": "scalar", "avx2": "scalar"}
+    # the armv8-a build has dot products only in the NEON kernels: they ran when chosen, and only then
+    assert ran_udot(tmp_path / "neon.log") and not ran_udot(tmp_path / "scalar.log")
     got = {k: y.view(n, -1) for k, (_, y) in runs.items()}
     # int32 sums and the same fp32 steps in the same order: the same bits on every aarch64 path
     assert all(torch.equal(y, got["neon"]) for y in got.values()), "aarch64 integer kernels disagree"
