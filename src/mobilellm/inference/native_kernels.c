@@ -12,6 +12,8 @@ integer section below). The KV cache, attention and the residual stream stay fp3
 of this file is to do that with nothing between the matrix products: one call per token instead of
 a few hundred framework ops. Plain C loops that the compiler vectorizes (-O3 -march=native), with
 OpenMP threads splitting the output rows of each matrix and the (token, head) pairs of attention.
+The integer dot products have per-ISA versions chosen at run time: AVX-512 VNNI and AVX2 on x86-64,
+NEON dot products (Armv8.2 DotProd, read from HWCAP on Linux) on ARM64, plain C everywhere else.
 */
 #include <math.h>
 #include <stdint.h>
@@ -240,7 +242,8 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *cons
    operand the u8 x s8 dot-product instructions take. With zpu = zp + 128, u - zpu = q - zp, so
      int8: y = wscale[r] * xscale * (sum_k u_k w_k - zpu * sum_k w_k)     exact int32 sums
      int4: y = xscale * (sum_g s_g * sum_{k in g} u_k w_k - zpu * sum_k s_g(k) w_k)
-   The instruction set is picked at run time (mobilellm_isa): AVX-512 VNNI, AVX2, or plain C. */
+   The instruction set is picked at run time (mobilellm_isa): AVX-512 VNNI, AVX2, NEON dot products
+   (aarch64, below), or plain C. */
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
 
