@@ -440,13 +440,16 @@ static VNNI void dot4_i4u_vnni(const uint8_t *u, const uint8_t *wu, int ld, cons
 }
 #endif
 
-#if defined(__aarch64__)
+/* GCC's arm_neon.h declares the dot products whatever -march says; older Clang's only with +dotprod */
+#if defined(__aarch64__) && (defined(__ARM_FEATURE_DOTPROD) || !defined(__clang__))
+#define HAVE_NEON_DOT 1
 /* ARM64: the dot-product instructions (Armv8.2 DotProd; phones since 2018). They take u8 x u8 or
    s8 x s8, not u8 x s8, so the weights are made unsigned and the excess comes off once per 4 rows:
      int8: sum u (w + 128) - 128 sum u        int4: sum u (w + 8) - 8 sum u   (the nibbles as stored)
    in uint32 lanes, wrapping exactly like int32 (the true sums fit), so the results are the scalar
-   kernels' bits. Built with a target attribute when the compiler's -march lacks dotprod, and chosen
-   at run time from the CPU's HWCAP (Linux), so a generic armv8-a build still uses them. */
+   kernels' bits. Built with a target attribute when the compiler's -march lacks dotprod (a CPU with
+   DotProd is Armv8.2 or later) and chosen at run time from the CPU's HWCAP (Linux), so a generic
+   armv8-a build still uses them and a CPU without them runs plain C. */
 #include <arm_neon.h>
 #if defined(__linux__)
 #include <sys/auxv.h>
@@ -456,8 +459,6 @@ static VNNI void dot4_i4u_vnni(const uint8_t *u, const uint8_t *wu, int ld, cons
 #endif
 #ifdef __ARM_FEATURE_DOTPROD
 #define DOTPROD
-#elif defined(__clang__)
-#define DOTPROD __attribute__((target("dotprod")))
 #else
 #define DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))  /* as arm_neon.h declares vdotq */
 #endif
@@ -495,8 +496,8 @@ static DOTPROD void dot4_i8_neon(const uint8_t *u, const int8_t *const *w, int n
     for (int i = 0; i < 4; i++) out[i] += (int32_t)sums[i];
 }
 
-/* The group sums of 4 rows side by side, then one fma per group as dot4_i4_scalar does per row
-   (same order, so the same fp32 bits). */
+/* The group sums of 4 rows side by side, then one fma per group in dot4_i4_scalar's order: its
+   bits where the compiler fuses `acc += s * sum` there (GCC and Clang do by default). */
 static DOTPROD void dot4_i4_neon(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
     const uint8x16_t m = vdupq_n_u8(15), ones = vdupq_n_u8(1);
     float32x4_t acc = vdupq_n_f32(0.f);
@@ -526,7 +527,7 @@ int mobilellm_isa(int force) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = ISA_AVX2;
     if (best == ISA_AVX2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni")) best = ISA_VNNI;
-#elif defined(__aarch64__)
+#elif defined(HAVE_NEON_DOT)
     if (have_dotprod()) best = ISA_NEON;
     if (force > ISA_SCALAR && force < ISA_NEON) force = ISA_SCALAR;  /* x86's: none here */
 #endif
@@ -539,7 +540,7 @@ static void dot4_i8(const uint8_t *u, const int8_t *const *w, int n, int32_t *ou
 #if defined(__x86_64__)
     if (isa == ISA_VNNI) return dot4_i8_vnni(u, w, n, out);
     if (isa == ISA_AVX2) return dot4_i8_avx2(u, w, n, out);
-#elif defined(__aarch64__)
+#elif defined(HAVE_NEON_DOT)
     if (isa == ISA_NEON) return dot4_i8_neon(u, w, n, out);
 #endif
     dot4_i8_scalar(u, w, n, out);
@@ -549,7 +550,7 @@ static void dot4_i4(const uint8_t *u, const uint8_t *const *w, const float *cons
 #if defined(__x86_64__)
     if (isa == ISA_VNNI) return dot4_i4_vnni(u, w, s, groups, out);
     if (isa == ISA_AVX2) return dot4_i4_avx2(u, w, s, groups, out);
-#elif defined(__aarch64__)
+#elif defined(HAVE_NEON_DOT)
     if (isa == ISA_NEON) return dot4_i4_neon(u, w, s, groups, out);
 #endif
     dot4_i4_scalar(u, w, s, groups, out);
