@@ -130,7 +130,9 @@ def allowance(got: torch.Tensor, want: torch.Tensor) -> str | None:
     rounding boundary (that position and the later ones of its prompt): None where it holds."""
     errors = torch.cat([(g - w).abs().amax(-1) / w.std() for g, w in zip(got, want)])
     close = (errors < 1e-4).float().mean()
-    return None if close > 0.5 and errors.max() < 0.2 else f"{close:.0%} of positions match; worst {errors.max():.3f} std"
+    if close > 0.5 and errors.max() < 0.2:
+        return None
+    return f"{close:.0%} of positions match; worst {errors.max():.3f} std"
 
 
 @pytest.mark.parametrize("preset", ["mobilellm-tiny", "mobilellm-tiny-ls"])
@@ -174,13 +176,15 @@ def serialize_matrix(parts: list[torch.Tensor], precision: str, x: torch.Tensor)
 
 
 # as test_native_integer: an odd number of int4 groups, int8 rows with a tail after the last 16 columns
-@pytest.mark.parametrize("precision,n,cols", [(p, n, c) for p in ("int8", "int4") for n, c in ((1, 96), (3, 160), (8, 256))]
-                         + [("int8", 5, 200)])
+SHAPES = [(p, n, c) for p in ("int8", "int4") for n, c in ((1, 96), (3, 160), (8, 256))] + [("int8", 5, 200)]
+
+
+@pytest.mark.parametrize("precision,n,cols", SHAPES)
 def test_aarch64_integer_kernels_match_x86(driver, generic_driver, tmp_path, precision, n, cols):
     """One integer matrix product alone on every aarch64 path, against x86's kernels and the reference."""
     torch.manual_seed(cols)
     bits, group, _ = RULES[precision]
-    q, scale = quantize_weight(torch.randn(44, cols), bits=bits, group_size=group)  # 44 rows: a 4-row step of 4 and a tail
+    q, scale = quantize_weight(torch.randn(42, cols), bits=bits, group_size=group)  # 42: a tail of 2 rows
     x = torch.randn(n, cols) * 3
     data = serialize_matrix(native.integer_weights(q, scale, precision), precision, x)
     runs = {"neon": run(driver, "matmul", data, tmp_path), "scalar": run(driver, "matmul", data, tmp_path, isa=SCALAR),
