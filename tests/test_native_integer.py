@@ -29,9 +29,9 @@ def lib():
 def isa(lib, request):
     """Each instruction set of the integer kernels that this CPU has (the others: skipped, saying so)."""
     best = native.integer_isa()
-    if native.ISAS.index(request.param) > native.ISAS.index(best):
+    if native.integer_isa(request.param) != request.param:  # an x86 set on ARM, or the reverse, too
+        native.integer_isa(best)
         pytest.skip(f"this CPU has no {request.param} (best: {best})")
-    native.integer_isa(request.param)
     yield request.param
     native.integer_isa(best)
 

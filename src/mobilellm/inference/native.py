@@ -33,7 +33,8 @@ from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 WEIGHT_TYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
-ISAS = ("scalar", "avx2", "avx512-vnni")  # the integer kernels' instruction sets, as mobilellm_isa numbers them
+# the integer kernels' instruction sets, as mobilellm_isa numbers them
+ISAS = ("scalar", "avx2", "avx512-vnni", "neon-dotprod")
 PREFILL_CHUNK = 64  # tokens per call in prefill: bounds the scratch memory, keeps weight rows hot
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # Linux
@@ -234,8 +235,9 @@ class NativeBackend(Backend):
     def __init__(self, model: MobileLLM, precision: str, max_batch: int, max_len: int, consume: bool = False):
         super().__init__(model.config, precision, max_batch, max_len)
         self.lib = library()
-        if precision in ("int8", "int4") and integer_isa() != ISAS[-1]:
-            _note_once(f"mobilellm: the integer kernels use {integer_isa()} (this CPU has no AVX-512 VNNI)")
+        if precision in ("int8", "int4") and integer_isa() in ISAS[:2]:
+            _note_once(f"mobilellm: the integer kernels use {integer_isa()} "
+                       "(this CPU has neither AVX-512 VNNI nor ARM dot products)")
         cfg = self.config
         self.cache = KVCache(cfg, max_batch, max_len, device="cpu")  # fp32, contiguous
         self._keep: list[torch.Tensor] = []  # every tensor the C struct points into

@@ -12,6 +12,8 @@ integer section below). The KV cache, attention and the residual stream stay fp3
 of this file is to do that with nothing between the matrix products: one call per token instead of
 a few hundred framework ops. Plain C loops that the compiler vectorizes (-O3 -march=native), with
 OpenMP threads splitting the output rows of each matrix and the (token, head) pairs of attention.
+The integer dot products have per-ISA versions chosen at run time: AVX-512 VNNI and AVX2 on x86-64,
+NEON dot products (Armv8.2 DotProd, read from HWCAP on Linux) on ARM64, plain C everywhere else.
 */
 #include <math.h>
 #include <stdint.h>
@@ -240,7 +242,8 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *cons
    operand the u8 x s8 dot-product instructions take. With zpu = zp + 128, u - zpu = q - zp, so
      int8: y = wscale[r] * xscale * (sum_k u_k w_k - zpu * sum_k w_k)     exact int32 sums
      int4: y = xscale * (sum_g s_g * sum_{k in g} u_k w_k - zpu * sum_k s_g(k) w_k)
-   The instruction set is picked at run time (mobilellm_isa): AVX-512 VNNI, AVX2, or plain C. */
+   The instruction set is picked at run time (mobilellm_isa): AVX-512 VNNI, AVX2, NEON dot products
+   (aarch64, below), or plain C. */
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
 
@@ -503,6 +506,83 @@ static VNNI void dot4_i4_vnni(const uint8_t *const *u, int nt, const uint8_t *co
 }
 #endif
 
+/* GCC's arm_neon.h declares the dot products whatever -march says; older Clang's only with +dotprod */
+#if defined(__aarch64__) && (defined(__ARM_FEATURE_DOTPROD) || !defined(__clang__))
+#define HAVE_NEON_DOT 1
+/* ARM64: the dot-product instructions (Armv8.2 DotProd; phones since 2018). They take u8 x u8 or
+   s8 x s8, not u8 x s8, so the weights are made unsigned and the excess comes off once per 4 rows:
+     int8: sum u (w + 128) - 128 sum u        int4: sum u (w + 8) - 8 sum u   (the nibbles as stored)
+   in uint32 lanes, wrapping exactly like int32 (the true sums fit), so the results are the scalar
+   kernels' bits. Built with a target attribute when the compiler's -march lacks dotprod (a CPU with
+   DotProd is Armv8.2 or later) and chosen at run time from the CPU's HWCAP (Linux), so a generic
+   armv8-a build still uses them and a CPU without them runs plain C. */
+#include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+#ifdef __ARM_FEATURE_DOTPROD
+#define DOTPROD
+#else
+#define DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))  /* as arm_neon.h declares vdotq */
+#endif
+
+enum { ISA_NEON = 3 };  /* after the x86 ones: mobilellm_isa's numbers are native.ISAS's */
+
+static int have_dotprod(void) {
+#if defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__ARM_FEATURE_DOTPROD)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* [sum of a's lanes, of b's, of c's, of d's] */
+static DOTPROD inline uint32x4_t hsum4(uint32x4_t a, uint32x4_t b, uint32x4_t c, uint32x4_t d) {
+    return vpaddq_u32(vpaddq_u32(a, b), vpaddq_u32(c, d));
+}
+
+static DOTPROD void dot4_i8_neon(const uint8_t *u, const int8_t *const *w, int n, int32_t *out) {
+    const uint8x16_t flip = vdupq_n_u8(0x80), ones = vdupq_n_u8(1);
+    uint32x4_t acc[4] = {vdupq_n_u32(0), vdupq_n_u32(0), vdupq_n_u32(0), vdupq_n_u32(0)}, su = vdupq_n_u32(0);
+    int k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const uint8x16_t x = vld1q_u8(u + k);
+        su = vdotq_u32(su, x, ones);
+        for (int i = 0; i < 4; i++) acc[i] = vdotq_u32(acc[i], x, veorq_u8(vld1q_u8((const uint8_t *)w[i] + k), flip));
+    }
+    const int8_t *tail[4] = {w[0] + k, w[1] + k, w[2] + k, w[3] + k};
+    dot4_i8_scalar(u + k, tail, n - k, out);
+    uint32_t sums[4];
+    vst1q_u32(sums, vsubq_u32(hsum4(acc[0], acc[1], acc[2], acc[3]), vdupq_n_u32(128 * vaddvq_u32(su))));
+    for (int i = 0; i < 4; i++) out[i] += (int32_t)sums[i];
+}
+
+/* The group sums of 4 rows side by side, then one fma per group in dot4_i4_scalar's order: its
+   bits where the compiler fuses `acc += s * sum` there (GCC and Clang do by default). */
+static DOTPROD void dot4_i4_neon(const uint8_t *u, const uint8_t *const *w, const float *const *s, int groups, float *out) {
+    const uint8x16_t m = vdupq_n_u8(15), ones = vdupq_n_u8(1);
+    float32x4_t acc = vdupq_n_f32(0.f);
+    for (int g = 0; g < groups; g++) {
+        const uint8x16_t xlo = vld1q_u8(u + 32 * g), xhi = vld1q_u8(u + 32 * g + 16);
+        const uint32x4_t su = vdotq_u32(vdotq_u32(vdupq_n_u32(0), xlo, ones), xhi, ones);
+        const uint32x4_t start = vmulq_n_u32(su, (uint32_t)-8);  /* -8 sum u, lane by lane (mod 2^32) */
+        uint32x4_t sum[4];
+        for (int i = 0; i < 4; i++) {
+            const uint8x16_t b = vld1q_u8(w[i] + 16 * g);
+            sum[i] = vdotq_u32(vdotq_u32(start, xlo, vandq_u8(b, m)), xhi, vshrq_n_u8(b, 4));
+        }
+        const float scale[4] = {s[0][g], s[1][g], s[2][g], s[3][g]};
+        acc = vfmaq_f32(acc, vcvtq_f32_s32(vreinterpretq_s32_u32(hsum4(sum[0], sum[1], sum[2], sum[3]))), vld1q_f32(scale));
+    }
+    vst1q_f32(out, acc);
+}
+#endif
+
 static int isa = -1;  /* chosen on first use */
 
 /* The integer kernels' instruction set: `force` >= 0 asks for one (capped at what the CPU has),
@@ -516,6 +596,9 @@ int mobilellm_isa(int force) {
         __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vnni"))
         best = ISA_VNNI;
+#elif defined(HAVE_NEON_DOT)
+    if (have_dotprod()) best = ISA_NEON;
+    if (force > ISA_SCALAR && force < ISA_NEON) force = ISA_SCALAR;  /* x86's: none here */
 #endif
     if (force >= 0) isa = force < best ? force : best;
     else if (isa < 0) isa = best;
@@ -531,6 +614,9 @@ static void dot4_i8(const uint8_t *const *u, int nt, const int8_t *const *w, int
         int32_t one[4];
 #if defined(__x86_64__)
         if (isa == ISA_AVX2) dot4_i8_avx2(u[j], w, n, one);
+        else
+#elif defined(HAVE_NEON_DOT)
+        if (isa == ISA_NEON) dot4_i8_neon(u[j], w, n, one);
         else
 #endif
             dot4_i8_scalar(u[j], w, n, one);
@@ -548,6 +634,9 @@ static void dot4_i4(const uint8_t *const *u, int nt, const uint8_t *const *w, co
         float one[4];
 #if defined(__x86_64__)
         if (isa == ISA_AVX2) dot4_i4_avx2(u[j], w, s, groups, one);
+        else
+#elif defined(HAVE_NEON_DOT)
+        if (isa == ISA_NEON) dot4_i4_neon(u[j], w, s, groups, one);
         else
 #endif
             dot4_i4_scalar(u[j], w, s, groups, one);
