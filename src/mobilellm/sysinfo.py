@@ -81,3 +81,42 @@ def resolve_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MobileLLMError("--device cuda given but no CUDA GPU is visible; use --device cpu")
     return device
+
+
+def cpu_cache_bytes() -> dict[int, int]:
+    """Data/unified cache size per level as one core sees it ({2: L2 bytes, 3: L3 bytes}, Linux
+    sysfs; {} where unknown). An L3 shared by several cores is reported whole."""
+    sizes: dict[int, int] = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1], 1)
+        try:
+            sizes[level] = int(size.rstrip("KMG")) * unit
+        except ValueError:
+            continue
+    return sizes
+
+
+def block_cache_note(block_bytes: int, threads: int, repeats: int) -> str:
+    """Whether a layer block's slice per thread fits this CPU's caches: with immediate layer sharing
+    each thread computes the same rows in every repeat, so a repeat reads its slice from the cache
+    it fits in instead of memory."""
+    per_thread = block_bytes / max(threads, 1)
+    caches = cpu_cache_bytes()
+    parts = [f"block {block_bytes / 2**20:.2f} MiB, {per_thread / 2**20:.2f} MiB per thread ({threads} threads)"]
+    for level in (2, 3):
+        if level in caches:
+            parts.append(f"L{level} {caches[level] / 2**20:.2f} MiB")
+    if repeats > 1:
+        fits = next((f"L{level}" for level in (2, 3) if level in caches and
+                     per_thread * (threads if level == 3 else 1) <= caches[level]), None)
+        parts.append(f"each block runs {repeats}x in a row: repeats read from "
+                     + (fits if fits else "memory (the slice fits no cache)" if caches else "an unknown cache"))
+    return "; ".join(parts)

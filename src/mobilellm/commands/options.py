@@ -87,6 +87,14 @@ def report(engine, tokens: int, seconds: float) -> None:
           f"{engine.weight_bytes() / 2**20:.1f} MiB ({engine.precision}, {engine.backend.name} backend), "
           f"KV cache {engine.cache_bytes() / 2**20:.1f} MiB, "
           f"peak RSS {peak_rss_bytes() / 2**20:.1f} MiB]", file=sys.stderr)
+    blocks = getattr(engine.backend, "block_nbytes", None)
+    if blocks:  # the native backend: how a layer block's weights sit in this CPU's caches
+        import torch
+
+        from mobilellm.sysinfo import block_cache_note
+
+        print(f"[{block_cache_note(max(blocks), torch.get_num_threads(), engine.backend.block_repeats)}]",
+              file=sys.stderr)
 
 
 def parse_overrides(extras: list[str]) -> list[str]:

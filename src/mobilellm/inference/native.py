@@ -195,6 +195,15 @@ def _note_once(message: str) -> None:
 # ---- the network as the library sees it ------------------------------------------------------
 
 
+def longest_run(items: list) -> int:
+    """The most times one value occurs in a row ([0, 0, 1, 1] -> 2; [0, 1, 0, 1] -> 1)."""
+    best = run = 0
+    for i, item in enumerate(items):
+        run = run + 1 if i and item == items[i - 1] else 1
+        best = max(best, run)
+    return best
+
+
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
@@ -242,13 +251,16 @@ class NativeBackend(Backend):
         self.cache = KVCache(cfg, max_batch, max_len, device="cpu")  # fp32, contiguous
         self._keep: list[torch.Tensor] = []  # every tensor the C struct points into
         blocks = (Block * len(model.layers))()
+        self.block_nbytes: list[int] = []  # weight bytes of each physical block (for --verbose)
         with torch.no_grad():
             for i, block in enumerate(model.layers):
+                before = self.nbytes
                 w = block_weights(block, cfg, consume)
                 b = blocks[i]
                 b.ln1, b.ln2 = self._hold(w.ln1), self._hold(w.ln2)
                 b.qkv, b.o, b.up, b.down = self._matrices([w.qkv, w.o, w.up, w.down])
                 gated = w.gated
+                self.block_nbytes.append(self.nbytes - before)
             (embed,) = _packed([embedding_table(model)])
             if cfg.tie_embeddings and precision == "fp32":  # the output matrix is the embedding table
                 head = Matrix(_ptr(embed), None, WEIGHT_TYPES["fp32"], *embed.shape)
@@ -261,6 +273,7 @@ class NativeBackend(Backend):
         cos, sin = rope_cos_sin(torch.arange(max_len), hd, cfg.rope_theta)
         rope_cos, rope_sin = cos[:, :hd // 2].float().contiguous(), sin[:, :hd // 2].float().contiguous()
         layer_to_block = torch.tensor(list(model.layer_to_block), dtype=torch.int32)
+        self.block_repeats = longest_run(list(model.layer_to_block))  # immediate sharing: runs in a row
         self._keep += [embed, rope_cos, rope_sin, layer_to_block]
         self._blocks = blocks
         k, v = self.cache.k, self.cache.v
