@@ -266,26 +266,28 @@ def main() -> None:
         while len(text_ids) < a.prompt_tokens:
             text_ids += tok.encode(PROMPT_TEXT)
         common += ["--prompt-ids", ",".join(map(str, text_ids[:a.prompt_tokens]))]
-        a.skip_torch_backend, a.skip_compile, a.preset_ls = True, True, ""
         dirs, base, vocab = {}, a.model, load_config(a.model).vocab_size
     else:
         dirs = build_models(tmp, a)
         base, vocab = str(dirs[a.preset]), 32000
+    # a real model: its native rows only (no torch-backend rows, no random layer-shared twin)
+    torch_rows, compiled_rows = not (a.model or a.skip_torch_backend), not (a.model or a.skip_compile)
+    ls_preset = "" if a.model else a.preset_ls
     rows: list[tuple[str, str, str, str, list[str]]] = [  # name, engine, precision, python, worker args
         ("transformers fp32", "hf", "fp32", sys.executable, ["--model-dir", base]),
     ]
     for w in ("fp32", "bf16", "fp16", "int8", "int4"):
         rows.append((f"ours {w}", "ours", w, sys.executable, ["--model-dir", base, "--weights", w]))
-        if not a.skip_torch_backend:
+        if torch_rows:
             rows.append((f"ours {w} torch", "ours", w, sys.executable,
                          ["--model-dir", base, "--weights", w, "--backend", "torch"]))
-        if not a.skip_compile:
+        if compiled_rows:
             rows.append((f"ours {w} torch compiled", "ours", w, sys.executable,
                          ["--model-dir", base, "--weights", w, "--backend", "torch", "--compile"]))
-    if a.preset_ls:
+    if ls_preset:
         for w in ("fp32", "int8", "int4"):
-            rows.append((f"ours {w} {a.preset_ls.split('-')[-2]}-LS", "ours", w, sys.executable,
-                         ["--model-dir", str(dirs[a.preset_ls]), "--weights", w]))
+            rows.append((f"ours {w} {ls_preset.split('-')[-2]}-LS", "ours", w, sys.executable,
+                         ["--model-dir", str(dirs[ls_preset]), "--weights", w]))
     llama_py = find_llama_python(a.llama_python)
     llama_note = None
     if llama_py is None:
@@ -363,7 +365,7 @@ def main() -> None:
         ls_name = next((r[0] for r in rows if r[0].startswith(f"ours {w} ") and "LS" in r[0]), None)
         if ls_name and median(ls_name) and median(f"ours {w}"):
             overhead = median(f"ours {w}") / median(ls_name) - 1
-            print(f"\nlayer sharing ({w}): {a.preset_ls} decodes {overhead * 100:+.1f}% slower per token than "
+            print(f"\nlayer sharing ({w}): {ls_preset} decodes {overhead * 100:+.1f}% slower per token than "
                   f"{a.preset} (same weights in memory, twice the logical layers)")
     same = {tuple(r["tokens"]) for n, rs in results.items() for r in rs
             if "tokens" in r and "LS" not in n and ("fp32" in n or "F32" in n)}

@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande")
     p.add_argument("--limit", type=int, default=40, help="documents per task")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-len", type=int, default=1024,
+                   help="KV cache length (the model's context caps it; a window of --window tokens always fits)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -83,7 +85,8 @@ def main() -> None:
     rows, reference = [], None
     for precision in args.precisions.split(","):
         start = time.time()
-        backend = build_backend(model, precision, backend="native", max_batch=1, max_len=model.config.max_seq_len)
+        max_len = min(model.config.max_seq_len, max(args.window + 1, args.max_len))
+        backend = build_backend(model, precision, backend="native", max_batch=1, max_len=max_len)
         nll, n = window_nll(backend, ids, args.window)
         scorer = NativeScorer(model, tokenizer, backend)
         res = {t: score_choice_task(scorer, examples[t], T.TASKS[t].metrics, t, per_example=True) for t in names}
