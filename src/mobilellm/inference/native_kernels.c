@@ -431,7 +431,7 @@ static VNNI inline __attribute__((always_inline)) void dot4_i8_tile(const uint8_
         __m512i x[4];
         for (int j = 0; j < NT; j++) x[j] = _mm512_loadu_si512(u[j] + k);
         for (int i = 0; i < 4; i++) {
-            _mm_prefetch((const char *)(w[i] + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            if (NT == 1) _mm_prefetch((const char *)(w[i] + k) + PREFETCH_BYTES, _MM_HINT_T0);
             const __m512i wk = _mm512_loadu_si512(w[i] + k);
             for (int j = 0; j < NT; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], x[j], wk);
         }
@@ -472,7 +472,7 @@ static VNNI inline __attribute__((always_inline)) void quad_step(const uint8_t *
         start[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xlo[j], minus8), xhi[j], minus8);
     }
     for (int i = 0; i < 4; i++) {
-        _mm_prefetch((const char *)(w[i] + 16 * g) + PREFETCH_BYTES, _MM_HINT_T0);
+        if (NT == 1) _mm_prefetch((const char *)(w[i] + 16 * g) + PREFETCH_BYTES, _MM_HINT_T0);
         const __m512i b = t == 4 ? _mm512_loadu_si512(w[i] + 16 * g) : _mm512_maskz_loadu_epi8(bytes, w[i] + 16 * g);
         const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
         const __m128 s4 = t == 4 ? _mm_loadu_ps(s[i] + g) : _mm_maskz_loadu_ps((1 << t) - 1, s[i] + g);
