@@ -30,11 +30,13 @@ from mobilellm.inference.backend import Backend
 from mobilellm.inference.layout import Matrix as LayoutMatrix
 from mobilellm.inference.layout import block_weights, embedding_table, output_matrix
 from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
+from mobilellm.sysinfo import return_freed_memory
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 WEIGHT_TYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
 ISAS = ("scalar", "avx2", "avx512-vnni")  # the integer kernels' instruction sets, as mobilellm_isa numbers them
 PREFILL_CHUNK = 64  # tokens per call in prefill: bounds the scratch memory, keeps weight rows hot
+CONVERT_ROWS = 2048  # rows quantized at a time while loading: bounds the temporaries, not the result
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # Linux
 
@@ -241,12 +243,8 @@ class NativeBackend(Backend):
         self._keep: list[torch.Tensor] = []  # every tensor the C struct points into
         blocks = (Block * len(model.layers))()
         with torch.no_grad():
-            for i, block in enumerate(model.layers):
-                w = block_weights(block, cfg, consume)
-                b = blocks[i]
-                b.ln1, b.ln2 = self._hold(w.ln1), self._hold(w.ln2)
-                b.qkv, b.o, b.up, b.down = self._matrices([w.qkv, w.o, w.up, w.down])
-                gated = w.gated
+            # the embedding and output matrix first, while no block is converted yet: their sources
+            # (the largest matrices) and their copies are then in memory together at the lowest point
             (embed,) = _packed([embedding_table(model)])
             if cfg.tie_embeddings and precision == "fp32":  # the output matrix is the embedding table
                 head = Matrix(_ptr(embed), None, WEIGHT_TYPES["fp32"], *embed.shape)
@@ -254,7 +252,17 @@ class NativeBackend(Backend):
                 (head,) = self._matrices([output_matrix(model)])
             if consume:
                 model.embed_tokens = torch.nn.Identity()
+                model.lm_head = None
             self.nbytes += embed.numel() * 4
+            for i, block in enumerate(model.layers):
+                w = block_weights(block, cfg, consume)
+                b = blocks[i]
+                b.ln1, b.ln2 = self._hold(w.ln1), self._hold(w.ln2)
+                b.qkv, b.o, b.up, b.down = self._matrices([w.qkv, w.o, w.up, w.down])
+                gated = w.gated
+                del w  # before the next block is read: one block's originals at a time
+                if consume:  # glibc keeps the freed temporaries (~6 MiB a block at 125M) until trimmed
+                    return_freed_memory()
         hd = cfg.attn_head_dim
         cos, sin = rope_cos_sin(torch.arange(max_len), hd, cfg.rope_theta)
         rope_cos, rope_sin = cos[:, :hd // 2].float().contiguous(), sin[:, :hd // 2].float().contiguous()
@@ -277,17 +285,23 @@ class NativeBackend(Backend):
 
     def _matrices(self, matrices: list[LayoutMatrix]) -> list[Matrix]:
         """Weight matrices converted to the decode precision and packed together (see _packed)."""
-        converted = [m.converted(self.precision) for m in matrices]
         if self.precision in ("int8", "int4"):
-            parts = [integer_weights(data, scale, self.precision) for data, scale in converted]
+            parts = [self._integer_parts(m) for m in matrices]
             packed = _packed([t for part in parts for t in part])
             self._keep += packed
             self.nbytes += sum(t.numel() * t.element_size() for t in packed)
             return [_integer_struct(packed[i:i + 3], self.precision) for i in range(0, len(packed), 3)]
-        packed = _packed([data for data, _ in converted])
+        packed = _packed([m.converted(self.precision)[0] for m in matrices])
         self._keep += packed
         self.nbytes += sum(t.numel() * t.element_size() for t in packed)
         return [Matrix(_ptr(data), None, WEIGHT_TYPES[self.precision], *data.shape) for data in packed]
+
+    def _integer_parts(self, m: LayoutMatrix) -> list[torch.Tensor]:
+        """integer_weights of one matrix, CONVERT_ROWS output rows at a time (every step is per row): the
+        fp32 / fp64 temporaries of a whole vocabulary-sized matrix would be several times its integers."""
+        chunks = [integer_weights(*m.rows(r, r + CONVERT_ROWS).converted(self.precision), self.precision)
+                  for r in range(0, m.shape[0], CONVERT_ROWS)]
+        return chunks[0] if len(chunks) == 1 else [torch.cat(part) for part in zip(*chunks)]
 
     def _prefill(self, row: int, ids: list[int]) -> torch.Tensor:
         for start in range(0, len(ids), PREFILL_CHUNK):  # causal across chunks: earlier ones are in the cache
