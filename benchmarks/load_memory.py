@@ -6,13 +6,13 @@
 
 One random-weight fp32 model directory (vocab 32000, seed 0) is saved once. Every case runs in a
 fresh subprocess: load (mobilellm.inference.load_engine, native backend, `--max-len` cache) and an
-8-token prefill, so every weight has been read; then the process's peak RSS (VmHWM; ru_maxrss
-where there is no /proc) is compared
-with the weights as the engine holds them at that precision (Engine.weight_bytes) and with the
-budget 1.15 x those bytes + 250 MiB (torch alone is about 220 MiB). llama.cpp (llama-cpp-python,
-which maps the file) runs on GGUF exports of the same weights (F32 / Q8_0 / Q4_0) with the same
-prefill, where llama_cpp and gguf import. The prefill's logits are printed (a checksum) so runs of
-two versions can be checked for identical results.
+8-token prefill, so every weight has been read; then the process's peak RSS (VmHWM; ru_maxrss where
+there is no /proc) is compared with the weights as the engine holds them at that precision
+(Engine.weight_bytes) and with the budget 1.15 x those bytes + 250 MiB (torch alone is about
+220 MiB). llama.cpp (llama-cpp-python, which maps the file) runs on GGUF exports of the same
+weights (F32 / Q8_0 / Q4_0) with the same prefill, where llama_cpp and gguf import and the LLaMA-2
+tokenizer (a GGUF file needs one) is in the shared data. The prefill's logits sum is printed, so
+runs of two versions can be checked for identical results.
 """
 
 from __future__ import annotations
