@@ -260,6 +260,30 @@ class NativeBackend(Backend):
         self.cache = KVCache(cfg, max_batch, max_len, device="cpu")  # fp32, contiguous
         self._keep: list[torch.Tensor] = []  # every tensor the C struct points into
         blocks = (Block * len(model.layers))()
+        threads = torch.get_num_threads()
+        # one thread while converting: each op touches a chunk of a few MiB, and waking a thread team
+        # for each of thousands of small ops costs more than the work (milliseconds each on a busy CPU)
+        torch.set_num_threads(1)
+        try:
+            embed, head, gated = self._convert(model, consume, blocks)
+        finally:
+            torch.set_num_threads(threads)
+        hd = cfg.attn_head_dim
+        cos, sin = rope_cos_sin(torch.arange(max_len), hd, cfg.rope_theta)
+        rope_cos, rope_sin = cos[:, :hd // 2].float().contiguous(), sin[:, :hd // 2].float().contiguous()
+        layer_to_block = torch.tensor(list(model.layer_to_block), dtype=torch.int32)
+        self._keep += [embed, rope_cos, rope_sin, layer_to_block]
+        self._blocks = blocks
+        k, v = self.cache.k, self.cache.v
+        self.net = Net(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.ffn_dim, cfg.vocab_size, len(layer_to_block),
+                       max_batch, max_len, int(gated), cfg.norm_eps, _ptr(layer_to_block),
+                       ctypes.addressof(blocks), _ptr(embed), self._hold(model.norm.weight), head,
+                       _ptr(rope_cos), _ptr(rope_sin), _ptr(k), _ptr(v))
+        self._net_ref = ctypes.byref(self.net)
+
+    def _convert(self, model: MobileLLM, consume: bool, blocks) -> tuple[torch.Tensor, Matrix, bool]:
+        """The weights into the kernel's layout, `blocks` filled: (embedding table, output matrix, gated)."""
+        cfg, precision = self.config, self.precision
         with torch.no_grad():
             # the embedding and output matrix first, while no block is converted yet: their sources
             # (the largest matrices) and their copies are then in memory together at the lowest point
@@ -281,18 +305,7 @@ class NativeBackend(Backend):
                 b.qkv, b.o, b.up, b.down = self._matrices(matrices)
                 if consume:  # as the temporaries, the freed originals stay with glibc until trimmed
                     return_freed_memory()
-        hd = cfg.attn_head_dim
-        cos, sin = rope_cos_sin(torch.arange(max_len), hd, cfg.rope_theta)
-        rope_cos, rope_sin = cos[:, :hd // 2].float().contiguous(), sin[:, :hd // 2].float().contiguous()
-        layer_to_block = torch.tensor(list(model.layer_to_block), dtype=torch.int32)
-        self._keep += [embed, rope_cos, rope_sin, layer_to_block]
-        self._blocks = blocks
-        k, v = self.cache.k, self.cache.v
-        self.net = Net(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.ffn_dim, cfg.vocab_size, len(layer_to_block),
-                       max_batch, max_len, int(gated), cfg.norm_eps, _ptr(layer_to_block),
-                       ctypes.addressof(blocks), _ptr(embed), self._hold(model.norm.weight), head,
-                       _ptr(rope_cos), _ptr(rope_sin), _ptr(k), _ptr(v))
-        self._net_ref = ctypes.byref(self.net)
+        return embed, head, gated
 
     def _hold(self, t: torch.Tensor) -> int:
         # a copy: a view of the model's tensor would keep the loaded weights alive
