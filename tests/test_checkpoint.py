@@ -208,7 +208,7 @@ def test_atomic_writes_use_normal_permissions(tmp_path):
 
 
 def test_safetensors_reader_matches_the_library(tmp_path):
-    """Our plain-read loader gives what safetensors' own (memory-mapped) loader gives, for every dtype
+    """Our loader (each entry mapped on its own) gives what safetensors' own loader gives, for every dtype
     we store, and refuses a file that ends inside an entry."""
     from safetensors.torch import save_file
 

@@ -18,7 +18,12 @@ Layouts we read: our own, the official MobileLLM checkpoints (`model_type: mobil
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
+import mmap
+import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -169,12 +174,13 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """A .safetensors file read into one plain tensor per entry.
+    """A .safetensors file as one tensor per entry, each entry memory-mapped on its own (see _map_entry).
 
-    Read rather than memory-mapped (safetensors' load_file): every tensor then owns its memory, so
-    a caller that converts a model and drops it block by block (the generation engine) frees each
-    block as it goes, instead of holding the whole mapped file until the last view is gone.
+    Nothing is read until a tensor is used, and every tensor owns its mapping: a caller that converts
+    a model and drops it block by block (the generation engine) gives each block's pages back as it
+    goes, so loading holds the converted weights and about one block of the file, not both copies.
     """
+    size = file.stat().st_size
     with open(file, "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:
@@ -186,15 +192,58 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
             if name == "__metadata__":
                 continue
             begin, end = entry["data_offsets"]
-            tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
-            nbytes = tensor.numel() * tensor.element_size()
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = [int(n) for n in entry["shape"]]
+            nbytes = math.prod(shape) * dtype.itemsize
             if end - begin != nbytes:
                 raise ValueError(f"entry {name} holds {end - begin} bytes for {nbytes}")
-            fh.seek(base + begin)
-            if nbytes and fh.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+            if base + end > size:  # checked here: touching a mapped page past the end would be SIGBUS
                 raise ValueError(f"file ends inside entry {name}")
-            state[name] = tensor
+            state[name] = _map_entry(fh, base + begin, shape, dtype)
     return state
+
+
+def _map_entry(fh, offset: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """One entry as a private (copy-on-write: writes never reach the file) mapping of its own pages,
+    unmapped when the last tensor viewing it is freed. Read into memory where mmap is not at hand."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    length = offset - start + nbytes
+    addr = _mmap_private(fh.fileno(), start, length) if nbytes and (offset - start) % dtype.itemsize == 0 else None
+    if addr is None:
+        tensor = torch.empty(shape, dtype=dtype)
+        fh.seek(offset)
+        if nbytes and fh.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+            raise ValueError("file ends inside an entry")
+        return tensor
+    owner = (ctypes.c_char * length).from_address(addr)  # the tensor keeps it alive (buffer protocol)
+    weakref.finalize(owner, _LIBC.munmap, ctypes.c_void_p(addr), ctypes.c_size_t(length)).atexit = False
+    return torch.frombuffer(owner, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start).view(shape)
+
+
+def _libc():
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int64]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def _mmap_private(fd: int, offset: int, length: int) -> int | None:
+    # libc's mmap, not Python's: a mmap.mmap keeps a duplicate descriptor open per mapping (hundreds of entries)
+    if _LIBC is None:
+        return None
+    addr = _LIBC.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, offset)
+    return None if addr in (None, ctypes.c_void_p(-1).value) else addr
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -143,7 +143,11 @@ class MobileLLM(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        # A skeleton built on the meta device (its weights get loaded) skips init: nn.init.normal_ on meta
+        # imports torch's Python decompositions, ~70 MiB resident for the process's life.
+        skeleton = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim,
+                                         _weight=torch.empty(config.vocab_size, config.dim) if skeleton else None)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))  # physical blocks
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Untied output matrix only for ablations; the paper shares the input embedding.
@@ -151,7 +155,8 @@ class MobileLLM(nn.Module):
         self.layer_to_block = config.layer_to_block  # physical block index for each logical layer
         self.activation_checkpointing = False
         self.residual_dtype: torch.dtype | None = None  # e.g. bf16 in mixed-precision training: half the traffic
-        self.reset_parameters()
+        if not skeleton:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.config.init_std

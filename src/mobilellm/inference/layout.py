@@ -46,6 +46,12 @@ class Matrix:
     def shape(self) -> torch.Size:
         return (self.weight if self.q is None else self.q).shape
 
+    def rows(self, start: int, end: int) -> "Matrix":
+        """Output rows start..end: every conversion here is per row, so converting slices gives the same values."""
+        if self.q is None:
+            return Matrix(weight=self.weight[start:end])
+        return Matrix(q=self.q[start:end], scale=self.scale[start:end], bits=self.bits)
+
     def dense(self) -> torch.Tensor:
         """fp32 values: the float weights, or the integers times their scales (what the quantizer meant)."""
         if self.q is None:

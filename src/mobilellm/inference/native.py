@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -30,12 +31,15 @@ from mobilellm.inference.backend import Backend
 from mobilellm.inference.layout import Matrix as LayoutMatrix
 from mobilellm.inference.layout import block_weights, embedding_table, output_matrix
 from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
+from mobilellm.precision import FLOAT_DTYPES, INT4_GROUP
+from mobilellm.sysinfo import return_freed_memory
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 WEIGHT_TYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
 # the integer kernels' instruction sets, as mobilellm_isa numbers them
 ISAS = ("scalar", "avx2", "avx512-vnni", "neon-dotprod")
 PREFILL_CHUNK = 64  # tokens per call in prefill: bounds the scratch memory, keeps weight rows hot
+CONVERT_ROWS = 512  # rows converted at a time while loading: bounds the temporaries (a few MiB), not the result
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # Linux
 
@@ -208,26 +212,42 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors copied into one buffer that Linux is asked to back with 2 MiB pages.
+def _arena(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Empty tensors of these (shape, dtype) in one buffer that Linux is asked to back with 2 MiB pages.
 
     Every decoded token streams all weights from memory; with 4 KiB pages the hardware prefetcher
     stops at each page boundary and the TLB misses every few rows. Asked for before the first write
     (the buffer is fresh, untouched memory), so the pages are huge from the start where the kernel
-    allows it ("madvise" or "always" transparent huge pages); elsewhere a plain copy.
+    allows it ("madvise" or "always" transparent huge pages); elsewhere plain pages.
     """
-    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]  # 64-byte aligned slices
+    nbytes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+    sizes = [(n + 63) // 64 * 64 for n in nbytes]  # 64-byte aligned slices
     arena = torch.empty(sum(sizes) + HUGE_PAGE, dtype=torch.uint8)
     start = (arena.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
     if sys.platform.startswith("linux") and sum(sizes) >= HUGE_PAGE:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(sum(sizes) // HUGE_PAGE * HUGE_PAGE), MADV_HUGEPAGE)
     out, offset = [], start - arena.data_ptr()
-    for t, size in zip(tensors, sizes):
-        view = arena[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-        out.append(view.copy_(t))
+    for (shape, dtype), n, size in zip(specs, nbytes, sizes):
+        out.append(arena[offset:offset + n].view(dtype).view(shape))
         offset += size
     return out
+
+
+def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors copied into one _arena."""
+    out = _arena([(tuple(t.shape), t.dtype) for t in tensors])
+    for view, t in zip(out, tensors):
+        view.copy_(t)
+    return out
+
+
+def _integer_specs(shape, precision: str) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of integer_weights' (data, scale, aux) for an (out, in) matrix."""
+    rows, cols = shape
+    if precision == "int8":
+        return [((rows, cols), torch.int8), ((rows,), torch.float32), ((rows,), torch.int32)]
+    return [((rows, cols // 2), torch.uint8), ((rows, cols // INT4_GROUP), torch.float32), ((rows,), torch.float32)]
 
 
 class NativeBackend(Backend):
@@ -252,23 +272,14 @@ class NativeBackend(Backend):
         self._keep: list[torch.Tensor] = []  # every tensor the C struct points into
         blocks = (Block * len(model.layers))()
         self.block_nbytes: list[int] = []  # weight bytes of each physical block (for --verbose)
-        with torch.no_grad():
-            for i, block in enumerate(model.layers):
-                before = self.nbytes
-                w = block_weights(block, cfg, consume)
-                b = blocks[i]
-                b.ln1, b.ln2 = self._hold(w.ln1), self._hold(w.ln2)
-                b.qkv, b.o, b.up, b.down = self._matrices([w.qkv, w.o, w.up, w.down])
-                gated = w.gated
-                self.block_nbytes.append(self.nbytes - before)
-            (embed,) = _packed([embedding_table(model)])
-            if cfg.tie_embeddings and precision == "fp32":  # the output matrix is the embedding table
-                head = Matrix(_ptr(embed), None, WEIGHT_TYPES["fp32"], *embed.shape)
-            else:
-                (head,) = self._matrices([output_matrix(model)])
-            if consume:
-                model.embed_tokens = torch.nn.Identity()
-            self.nbytes += embed.numel() * 4
+        threads = torch.get_num_threads()
+        # one thread while converting: each op touches a chunk of a few MiB, and waking a thread team
+        # for each of thousands of small ops costs more than the work (milliseconds each on a busy CPU)
+        torch.set_num_threads(1)
+        try:
+            embed, head, gated = self._convert(model, consume, blocks)
+        finally:
+            torch.set_num_threads(threads)
         hd = cfg.attn_head_dim
         cos, sin = rope_cos_sin(torch.arange(max_len), hd, cfg.rope_theta)
         rope_cos, rope_sin = cos[:, :hd // 2].float().contiguous(), sin[:, :hd // 2].float().contiguous()
@@ -283,6 +294,34 @@ class NativeBackend(Backend):
                        _ptr(rope_cos), _ptr(rope_sin), _ptr(k), _ptr(v))
         self._net_ref = ctypes.byref(self.net)
 
+    def _convert(self, model: MobileLLM, consume: bool, blocks) -> tuple[torch.Tensor, Matrix, bool]:
+        """The weights into the kernel's layout, `blocks` filled: (embedding table, output matrix, gated)."""
+        cfg, precision = self.config, self.precision
+        with torch.no_grad():
+            # the embedding and output matrix first, while no block is converted yet: their sources
+            # (the largest matrices) and their copies are then in memory together at the lowest point
+            (embed,) = _packed([embedding_table(model)])
+            if cfg.tie_embeddings and precision == "fp32":  # the output matrix is the embedding table
+                head = Matrix(_ptr(embed), None, WEIGHT_TYPES["fp32"], *embed.shape)
+            else:
+                (head,) = self._matrices([output_matrix(model)])
+            if consume:
+                model.embed_tokens = torch.nn.Identity()
+                model.lm_head = None
+            self.nbytes += embed.numel() * 4
+            for i, block in enumerate(model.layers):
+                before = self.nbytes
+                w = block_weights(block, cfg, consume)
+                b = blocks[i]
+                b.ln1, b.ln2 = self._hold(w.ln1), self._hold(w.ln2)
+                matrices, gated = [w.qkv, w.o, w.up, w.down], w.gated
+                del w  # _matrices lets go of each original as it converts it: about one matrix's at a time
+                b.qkv, b.o, b.up, b.down = self._matrices(matrices)
+                self.block_nbytes.append(self.nbytes - before)
+                if consume:  # as the temporaries, the freed originals stay with glibc until trimmed
+                    return_freed_memory()
+        return embed, head, gated
+
     def _hold(self, t: torch.Tensor) -> int:
         # a copy: a view of the model's tensor would keep the loaded weights alive
         t = t.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
@@ -291,18 +330,32 @@ class NativeBackend(Backend):
         return _ptr(t)
 
     def _matrices(self, matrices: list[LayoutMatrix]) -> list[Matrix]:
-        """Weight matrices converted to the decode precision and packed together (see _packed)."""
-        converted = [m.converted(self.precision) for m in matrices]
-        if self.precision in ("int8", "int4"):
-            parts = [integer_weights(data, scale, self.precision) for data, scale in converted]
-            packed = _packed([t for part in parts for t in part])
-            self._keep += packed
-            self.nbytes += sum(t.numel() * t.element_size() for t in packed)
-            return [_integer_struct(packed[i:i + 3], self.precision) for i in range(0, len(packed), 3)]
-        packed = _packed([data for data, _ in converted])
+        """Weight matrices converted to the decode precision into one _arena, one matrix at a time (the list
+        is emptied as it goes, so each original can be freed once converted) and
+        integer ones CONVERT_ROWS output rows at a time (every step of the conversion is per row): the
+        fp32 / fp64 temporaries of a whole vocabulary-sized matrix would be several times its integers."""
+        p = self.precision
+        if p in ("int8", "int4"):
+            packed = _arena([spec for m in matrices for spec in _integer_specs(m.shape, p)])
+            for i in range(len(matrices)):
+                m, matrices[i] = matrices[i], None
+                for r in range(0, m.shape[0], CONVERT_ROWS):
+                    chunk = integer_weights(*m.rows(r, r + CONVERT_ROWS).converted(p), p)
+                    for dst, src in zip(packed[3 * i:3 * i + 3], chunk):
+                        dst[r:r + CONVERT_ROWS].copy_(src)
+                del m, chunk
+                return_freed_memory()  # glibc keeps freed temporaries (a few MiB a matrix) until trimmed
+            structs = [_integer_struct(packed[i:i + 3], p) for i in range(0, len(packed), 3)]
+        else:
+            packed = _arena([(tuple(m.shape), FLOAT_DTYPES[p]) for m in matrices])
+            for i, dst in enumerate(packed):
+                m, matrices[i] = matrices[i], None
+                dst.copy_(m.converted(p)[0])
+                del m
+            structs = [Matrix(_ptr(data), None, WEIGHT_TYPES[p], *data.shape) for data in packed]
         self._keep += packed
         self.nbytes += sum(t.numel() * t.element_size() for t in packed)
-        return [Matrix(_ptr(data), None, WEIGHT_TYPES[self.precision], *data.shape) for data in packed]
+        return structs
 
     def _prefill(self, row: int, ids: list[int]) -> torch.Tensor:
         for start in range(0, len(ids), PREFILL_CHUNK):  # causal across chunks: earlier ones are in the cache
