@@ -41,9 +41,10 @@ def reference(q, scale, x):
     return fake_quantize_activations(x) @ dequantize_weight(q, scale).t()
 
 
-# 96 and 160 input columns: an odd number of int4 groups and an int8 row that is not a multiple of 64
+# 96, 160, 192 and 576 input columns: int4 runs of 4 groups ending in 3, 1, 2 and 2 groups, int8 rows that
+# are not a multiple of 64; 1-13 tokens: single tokens, 4-token tiles and their remainders
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-@pytest.mark.parametrize("n,cols", [(1, 96), (3, 160), (8, 256)])
+@pytest.mark.parametrize("n,cols", [(1, 96), (3, 160), (8, 256), (5, 192), (13, 576)])
 def test_qmatmul_matches_reference(isa, precision, n, cols):
     torch.manual_seed(n)
     bits, group, _ = RULES[precision]
@@ -174,3 +175,24 @@ def test_native_integer_layer_sharing_equals_unrolled(lib, precision):
     with torch.inference_mode():
         a, b = (native.NativeBackend(m, precision, max_batch=1, max_len=32).prefill(0, ids) for m in (shared, unrolled))
     assert torch.equal(a, b)
+
+
+def test_cpu_without_vnni_says_so_once(lib, capsys):
+    """Where the best integer kernels are missing (forced here), building an int8 backend prints one
+    line naming the instruction set in use, and the output is still right."""
+    best = native.integer_isa()
+    if native.integer_isa("avx2") != "avx2":
+        native.integer_isa(best)
+        pytest.skip(f"this CPU has no avx2 (best: {best})")
+    native._note_once.cache_clear()
+    try:
+        model = tiny()
+        backend = native.NativeBackend(copy.deepcopy(model), "int8", max_batch=1, max_len=16)
+        native.NativeBackend(copy.deepcopy(model), "int8", max_batch=1, max_len=16)
+        logits = backend.prefill(0, [1, 2, 3])
+    finally:
+        native.integer_isa(best)
+        native._note_once.cache_clear()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "avx2" in lines[0], lines
+    assert torch.isfinite(logits).all()
