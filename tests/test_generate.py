@@ -370,3 +370,30 @@ def test_engine_accepts_token_ids_without_tokenizer():
     assert [len(r.token_ids) for r in res] == [6, 6] and res[0].text == ""
     with pytest.raises(MobileLLMError, match="no tokenizer"):
         eng.generate(["text"], GREEDY)
+
+
+@pytest.mark.parametrize("backend_name", ["native", "torch"])
+def test_backend_refuses_what_does_not_fit_its_cache(backend_name):
+    """Positions past the cache, rows that do not exist and unknown token ids are one-line errors
+    (the native kernels would write and read outside their buffers)."""
+    from mobilellm.errors import MobileLLMError
+    from mobilellm.inference.select import build_backend
+
+    torch.manual_seed(0)
+    model = MobileLLM(get_preset("mobilellm-tiny", vocab_size=64))
+    try:
+        backend = build_backend(model, "fp32", backend=backend_name, max_batch=2, max_len=8)
+    except Exception as exc:  # no C compiler: the native backend is unavailable here
+        pytest.skip(f"{backend_name} backend unavailable: {exc}")
+    with pytest.raises(MobileLLMError, match="do not fit"):
+        backend.prefill(0, list(range(1, 10)))
+    backend.prefill(0, list(range(1, 8)))
+    backend.decode([0], [3])  # position 7: the last one
+    with pytest.raises(MobileLLMError, match="do not fit"):
+        backend.decode([0], [3])
+    with pytest.raises(MobileLLMError, match="does not exist"):
+        backend.decode([2], [3])
+    with pytest.raises(MobileLLMError, match="token ids"):
+        backend.prefill(1, [1, 64])
+    backend.free(0)
+    assert backend.prefill(0, [1, 2]).shape == (64,)
