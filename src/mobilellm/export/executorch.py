@@ -12,6 +12,7 @@ scales (quantize.py follows torchao's numerics), which XNNPACK lowers to its int
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -124,6 +125,33 @@ def _torchao_linear(qlinear) -> nn.Linear:
     return linear
 
 
+# XNNPACK's preprocess runs its 17 graph passes on every delegate, each one re-tracing it: about half
+# of the lowering time. These are the ones a decoder graph needs; the others rewrite ops that never
+# occur in it (convolutions, batch norm, pooling, upsampling, PReLU, padding, long concatenations,
+# channels-last layouts, SDPA patterns) and only cost their re-trace. The tests run every exported
+# program against PyTorch, so a needed pass left out shows up there.
+_XNNPACK_PASSES = ("XNNPACKRemoveCloneOpsTransform", "DimOrderOpsRevertPass", "ConvertToLinearPass", "ConstPropPass",
+                   "FuseActivationPass", "RemoveRedundantCopyPass")
+
+
+@contextlib.contextmanager
+def _decoder_xnnpack_passes():
+    """While lowering, XNNPACK's default pass list is _XNNPACK_PASSES (an explicit list is kept)."""
+    from executorch.backends.xnnpack import _passes, xnnpack_preprocess
+
+    default = xnnpack_preprocess.XNNPACKPassManager
+
+    class DecoderPasses(default):
+        def __init__(self, exported_program, passes=None):
+            super().__init__(exported_program, passes or [getattr(_passes, n) for n in _XNNPACK_PASSES])
+
+    xnnpack_preprocess.XNNPACKPassManager = DecoderPasses
+    try:
+        yield
+    finally:
+        xnnpack_preprocess.XNNPACKPassManager = default
+
+
 def check_pte_quant(model: MobileLLM, quant: str) -> None:
     """Reject scheme combinations a .pte cannot hold (before any heavy import)."""
     if quant not in PTE_QUANTS:
@@ -210,9 +238,10 @@ def export_pte(model: MobileLLM, output: str | Path, *, quant: str = "fp32", gro
         ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
         stages("lower: XNNPACK partitioning and lowering")
         # IR validity re-checks every edge op; torch.export already checked the graph (~15% of lowering)
-        lowered = to_edge_transform_and_lower(
-            ep, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
-        )
+        with _decoder_xnnpack_passes():
+            lowered = to_edge_transform_and_lower(
+                ep, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
+            )
         stages("serialize: ExecuTorch program")
         program = lowered.to_executorch()
     output = Path(output)
