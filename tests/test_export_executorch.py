@@ -109,6 +109,14 @@ def test_8da4w_pte_with_4bit_embedding_matches_our_quantized_model(tmp_path):
                              max_len=MAX_LEN)["bytes"]
     table_bytes = 4 * model.embed_tokens.weight.numel()
     assert info["bytes"] < float_table - table_bytes // 2  # the table is 4-bit, not float
+    import json
+
+    from mobilellm.bench import prompt_ids
+
+    run_cli("bench", tmp_path / "q.pte", "--threads", "1", "--prompt-tokens", "16", "--new-tokens", "8", "--json",
+            tmp_path / "r.json", check=True)  # the worker finds the quantized embedding kernels
+    (row,) = json.loads((tmp_path / "r.json").read_text())
+    assert row["output_ids"] == pte_greedy(PteRunner(tmp_path / "q.pte"), prompt_ids(16, 512), 8)
 
 
 def test_8da4w_pte_matches_our_quantized_model(tmp_path):
