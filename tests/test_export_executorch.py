@@ -155,6 +155,8 @@ def test_export_cli_w8a8_dir_to_pte_and_bad_combinations(tmp_path):
         ((tmp_path / "wo",), "no XNNPACK kernel"),
         ((tmp_path / "q", "--precision", "8da4w"), "already quantized"),
         ((tmp_path / "f", "--max-len", "100000"), "exceeds the model's context"),
+        ((tmp_path / "f", "--embedding", "int4"), "needs a quantized --precision"),
+        ((tmp_path / "q", "--embedding", "int4"), "already quantized with --embedding none"),
     ]:
         proc = run_cli("export", *args, "--format", "pte", "--output", tmp_path / "bad.pte")
         lines = proc.stderr.strip().splitlines()
