@@ -22,8 +22,9 @@ from mobilellm.export.executorch import PteRunner, export_pte  # noqa: E402
 MAX_LEN = 64
 
 
-def tiny(preset="mobilellm-tiny", n_layers=2):
-    return MobileLLM(get_preset(preset, n_layers=n_layers, ffn_dim=192, bos_token_id=None, eos_token_id=None)).eval()
+def tiny(preset="mobilellm-tiny", n_layers=2, **overrides):
+    return MobileLLM(get_preset(preset, n_layers=n_layers, ffn_dim=192, bos_token_id=None, eos_token_id=None,
+                                **overrides)).eval()
 
 
 
@@ -78,11 +79,51 @@ def test_layer_shared_pte_stores_each_block_once(tmp_path, fp32_pte):
     assert pte_greedy(PteRunner(tmp_path / "ls.pte"), tokens, 32) == greedy_tokens(shared, tokens, 32)
 
 
+def test_tied_embedding_is_stored_once(tmp_path):
+    torch.manual_seed(4)
+    model = tiny(n_layers=1, vocab_size=4096)  # a table that dominates the file
+    weight_bytes, table_bytes = 4 * model.num_params(), 4 * model.embed_tokens.weight.numel()
+    info = export_pte(copy.deepcopy(model), tmp_path / "t.pte", max_len=32)
+    assert info["bytes"] < weight_bytes + table_bytes // 2, (info["bytes"], weight_bytes, table_bytes)
+    prompt = torch.randint(0, 4096, (1, 9))
+    with torch.no_grad():
+        ref = model(prompt)[0]
+    assert (PteRunner(tmp_path / "t.pte").forward(prompt[0].tolist(), 0) - ref).abs().max() <= 1e-4
+
+
+def test_8da4w_pte_with_4bit_embedding_matches_our_quantized_model(tmp_path):
+    torch.manual_seed(5)
+    model = tiny(n_layers=1)
+    info = export_pte(copy.deepcopy(model), tmp_path / "q.pte", quant="8da4w", max_len=MAX_LEN)
+    assert info["embedding"] == "int4"  # the 8da4w default: ExecuTorch's recipe
+    quantized = quantize_model(copy.deepcopy(model), "8da4w", group_size=32, embedding="int4")
+    prompt = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        ref_q, ref_f = quantized(prompt)[0], model(prompt)[0]
+    got = PteRunner(tmp_path / "q.pte").forward(prompt[0].tolist(), 0)
+    # the output matrix also runs with int8 activations in the .pte (float in our eager model)
+    assert (got - ref_q).abs().max() <= 2e-2 * ref_q.abs().max()
+    assert (got - ref_f).abs().max() <= 0.2 * ref_f.abs().max()  # 4-bit weights and table
+    assert (got - ref_f).abs().max() > (got - ref_q).abs().max()
+    float_table = export_pte(copy.deepcopy(model), tmp_path / "f.pte", quant="8da4w", embedding="none",
+                             max_len=MAX_LEN)["bytes"]
+    table_bytes = 4 * model.embed_tokens.weight.numel()
+    assert info["bytes"] < float_table - table_bytes // 2  # the table is 4-bit, not float
+    import json
+
+    from mobilellm.bench import prompt_ids
+
+    run_cli("bench", tmp_path / "q.pte", "--threads", "1", "--prompt-tokens", "16", "--new-tokens", "8", "--json",
+            tmp_path / "r.json", check=True)  # the worker finds the quantized embedding kernels
+    (row,) = json.loads((tmp_path / "r.json").read_text())
+    assert row["output_ids"] == pte_greedy(PteRunner(tmp_path / "q.pte"), prompt_ids(16, 512), 8)
+
+
 def test_8da4w_pte_matches_our_quantized_model(tmp_path):
     torch.manual_seed(2)
     model = tiny()
     quantized = quantize_model(copy.deepcopy(model), "8da4w", group_size=32)
-    export_pte(copy.deepcopy(model), tmp_path / "q.pte", quant="8da4w", max_len=MAX_LEN)
+    export_pte(copy.deepcopy(model), tmp_path / "q.pte", quant="8da4w", embedding="none", max_len=MAX_LEN)
     prompt = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
         ref_q, ref_f = quantized(prompt)[0], model(prompt)[0]
@@ -114,6 +155,8 @@ def test_export_cli_w8a8_dir_to_pte_and_bad_combinations(tmp_path):
         ((tmp_path / "wo",), "no XNNPACK kernel"),
         ((tmp_path / "q", "--precision", "8da4w"), "already quantized"),
         ((tmp_path / "f", "--max-len", "100000"), "exceeds the model's context"),
+        ((tmp_path / "f", "--embedding", "int4"), "needs a quantized --precision"),
+        ((tmp_path / "q", "--embedding", "int4"), "already quantized with --embedding none"),
     ]:
         proc = run_cli("export", *args, "--format", "pte", "--output", tmp_path / "bad.pte")
         lines = proc.stderr.strip().splitlines()

@@ -40,7 +40,7 @@ def run(args) -> int:
 
     with quiet_third_party(args.verbose):
         info = export(args.model, args.format, args.output, precision=args.precision, group_size=args.group_size,
-                      max_len=args.max_len, progress=lambda line: print(line, flush=True))
+                      embedding=args.embedding, max_len=args.max_len, progress=lambda line: print(line, flush=True))
     extra = ""
     if info.get("unrolled"):
         extra += f"; layer-shared model written unrolled ({info['logical_layers']} llama blocks: llama.cpp cannot repeat blocks)"
@@ -54,6 +54,8 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
+    from mobilellm.quantize import EMBEDDING_MODES
+
     p = sub.add_parser("export", help="export a model directory to ExecuTorch (.pte), llama.cpp (.gguf) or ONNX",
                        description="precision per format: " + "; ".join(
                            f"{f}: " + ", ".join(f"{p} ({q})" for p, q in names.items())
@@ -65,6 +67,9 @@ def register(sub) -> None:
     p.add_argument("--quant", dest="precision", action=Deprecated, new_flag="--precision",
                    choices=sorted({q for qs in FORMAT_QUANTS.values() for q in qs}), help=argparse.SUPPRESS)
     p.add_argument("--group-size", type=int, default=32, help="pte int4 group size when quantizing here (default 32)")
+    p.add_argument("--embedding", default=None, choices=EMBEDDING_MODES,
+                   help="pte: the embedding (= tied output) matrix when quantizing here: none (float), int8 or int4 "
+                        "(group size --group-size); default int4 with 8da4w (ExecuTorch's recipe), else none")
     p.add_argument("--max-len", type=int, default=None,
                    help="pte: KV-cache length in tokens (default: the model's context)")
     p.add_argument("--output", required=True, help="output file")

@@ -39,9 +39,9 @@ def format_quant(fmt: str, precision: str | None, model_quantization: dict | Non
 
 
 def export(model_dir: str | Path, fmt: str, output: str | Path, *, precision: str | None = None,
-           group_size: int = 32, max_len: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+           group_size: int = 32, embedding: str | None = None, max_len: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Export a model directory; returns a summary (format, quant, bytes, seconds, ...). Raises MobileLLMError.
-    progress(line) receives one line per stage."""
+    progress(line) receives one line per stage. embedding: pte only (see executorch.pte_embedding)."""
     from mobilellm.checkpoint import load_model_dir
 
     if fmt not in FORMATS:
@@ -57,10 +57,13 @@ def export(model_dir: str | Path, fmt: str, output: str | Path, *, precision: st
     quant = format_quant(fmt, precision, getattr(model, "quantization", None))
     if max_len is not None and max_len > model.config.max_seq_len:
         raise MobileLLMError(f"--max-len {max_len} exceeds the model's context ({model.config.max_seq_len})")
+    if embedding is not None and fmt != "pte":
+        raise MobileLLMError("--embedding is for --format pte; quantize the directory first for the others")
     if fmt == "pte":
         from mobilellm.export.executorch import export_pte
 
-        info = export_pte(model, output, quant=quant, group_size=group_size, max_len=max_len, stages=stages)
+        info = export_pte(model, output, quant=quant, group_size=group_size, embedding=embedding, max_len=max_len,
+                          stages=stages)
     elif fmt == "gguf":
         from mobilellm.export.gguf import export_gguf
 

@@ -12,6 +12,7 @@ scales (quantize.py follows torchao's numerics), which XNNPACK lowers to its int
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -66,6 +67,42 @@ class ExecuTorchLM(nn.Module):
         return F.linear(hidden, self.model.output_weight)  # (1, T, vocab)
 
 
+class _OneHotEmbedding(nn.Module):
+    """Embedding lookup as one_hot(tokens) @ weight, so XNNPACK runs it from the same constant as the
+    tied output matrix (`F.linear(hidden, weight)`): the delegate stores one tensor for both, where a
+    plain `aten.embedding` keeps its own copy of the table outside the delegate. Exact: each output
+    is one row times 1.0 plus zeros."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        vocab = torch.arange(self.weight.shape[0], device=tokens.device)
+        return (tokens[..., None] == vocab).to(self.weight.dtype) @ self.weight  # (B, T, dim)
+
+
+class _QuantizedLookup(nn.Module):
+    """QuantizedEmbedding as ExecuTorch's quantized embedding kernels (int8 rows, or int4 packed
+    two per byte, high nibble first, offset by 8), returning the same dequantized rows."""
+
+    def __init__(self, emb):
+        super().__init__()
+        self.bits = emb.bits
+        q = emb.weight_q
+        if self.bits == 4:
+            u = (q.to(torch.int16) + 8).to(torch.uint8)
+            q = (u[:, 0::2] << 4) | u[:, 1::2]
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", emb.weight_scale.clone())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.quantized_decomposed
+        if self.bits == 4:
+            return ops.embedding_4bit.default(self.weight, self.scale, None, -8, 7, tokens)
+        return ops.embedding_byte.default(self.weight, self.scale, None, -128, 127, tokens)
+
+
 def _torchao_linear(qlinear) -> nn.Linear:
     """Our QuantizedLinear -> nn.Linear whose weight is a torchao tensor with the same integers."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
@@ -88,6 +125,33 @@ def _torchao_linear(qlinear) -> nn.Linear:
     return linear
 
 
+# XNNPACK's preprocess runs its 17 graph passes on every delegate, each one re-tracing it: about half
+# of the lowering time. These are the ones a decoder graph needs; the others rewrite ops that never
+# occur in it (convolutions, batch norm, pooling, upsampling, PReLU, padding, long concatenations,
+# channels-last layouts, SDPA patterns) and only cost their re-trace. The tests run every exported
+# program against PyTorch, so a needed pass left out shows up there.
+_XNNPACK_PASSES = ("XNNPACKRemoveCloneOpsTransform", "DimOrderOpsRevertPass", "ConvertToLinearPass", "ConstPropPass",
+                   "FuseActivationPass", "RemoveRedundantCopyPass")
+
+
+@contextlib.contextmanager
+def _decoder_xnnpack_passes():
+    """While lowering, XNNPACK's default pass list is _XNNPACK_PASSES (an explicit list is kept)."""
+    from executorch.backends.xnnpack import _passes, xnnpack_preprocess
+
+    default = xnnpack_preprocess.XNNPACKPassManager
+
+    class DecoderPasses(default):
+        def __init__(self, exported_program, passes=None):
+            super().__init__(exported_program, passes or [getattr(_passes, n) for n in _XNNPACK_PASSES])
+
+    xnnpack_preprocess.XNNPACKPassManager = DecoderPasses
+    try:
+        yield
+    finally:
+        xnnpack_preprocess.XNNPACKPassManager = default
+
+
 def check_pte_quant(model: MobileLLM, quant: str) -> None:
     """Reject scheme combinations a .pte cannot hold (before any heavy import)."""
     if quant not in PTE_QUANTS:
@@ -102,25 +166,55 @@ def check_pte_quant(model: MobileLLM, quant: str) -> None:
                                  "--scheme w8a8 or 8da4w for .pte")
 
 
-def prepare_for_pte(model: MobileLLM, quant: str, group_size: int = 32) -> MobileLLM:
+def prepare_for_pte(model: MobileLLM, quant: str, group_size: int = 32, embedding: str = "none") -> MobileLLM:
     """Quantize (if asked) with our numerics, then swap modules for ones torch.export + XNNPACK lower."""
     from mobilellm import quantize as Q
 
     check_pte_quant(model, quant)
     if not getattr(model, "quantization", None) and quant != "fp32":
-        Q.quantize_model(model, quant, group_size=group_size)
+        Q.quantize_model(model, quant, group_size=group_size, embedding=embedding)
+    emb = model.embed_tokens
+    if isinstance(emb, Q.QuantizedEmbedding):
+        import executorch.kernels.quantized  # noqa: F401  registers quantized_decomposed.embedding_*
+
+        if model.lm_head is None:  # tied: the output matrix is the same integers, as an int8-activation linear
+            model.lm_head = Q.QuantizedLinear(emb.weight_q, emb.weight_scale, emb.bits, dynamic_activations=True)
+        model.embed_tokens = _QuantizedLookup(emb)
+    elif model.lm_head is None:  # tied float table: one constant for the lookup and the logits
+        model.embed_tokens = _OneHotEmbedding(emb.weight)
     for name, mod in list(model.named_modules()):  # int8-activation linears: torchao tensors XNNPACK lowers
-        if isinstance(mod, Q.QuantizedLinear) and mod.dynamic_activations:
+        if isinstance(mod, Q.QuantizedLinear):
             Q.set_module(model, name, _torchao_linear(mod))
-    Q.float_modules(model)  # the rest (an int8 lm_head of a quantized embedding, the embedding) as floats
     return model
 
 
+def pte_embedding(model: MobileLLM, quant: str, embedding: str | None) -> str:
+    """The embedding (= tied output matrix) setting of a .pte: a quantized directory's own; for a float
+    model `embedding`, by default int4 with 8da4w (ExecuTorch's 8da4w recipe) and float otherwise."""
+    from mobilellm.quantize import EMBEDDING_MODES
+
+    existing = getattr(model, "quantization", None)
+    if existing:
+        own = existing.get("embedding", "none")
+        if embedding not in (None, own):
+            raise MobileLLMError(f"model directory is already quantized with --embedding {own}; "
+                                 f"export it as it is or start from its float model")
+        return own
+    if embedding is None:
+        return "int4" if quant == "8da4w" else "none"
+    if embedding not in EMBEDDING_MODES:
+        raise MobileLLMError(f"unknown --embedding {embedding!r}; choose from {', '.join(EMBEDDING_MODES)}")
+    if quant == "fp32" and embedding != "none":
+        raise MobileLLMError("--embedding int8/int4 needs a quantized --precision (w8a8 or 8da4w) for pte")
+    return embedding
+
+
 def export_pte(model: MobileLLM, output: str | Path, *, quant: str = "fp32", group_size: int = 32,
-               max_len: int | None = None, stages: Stages | None = None) -> dict:
-    """Lower to XNNPACK and write the .pte atomically; returns a summary dict."""
+               embedding: str | None = None, max_len: int | None = None, stages: Stages | None = None) -> dict:
+    """Lower to XNNPACK and write the .pte atomically; returns a summary dict. embedding: see pte_embedding."""
     stages = stages or Stages()
     check_pte_quant(model, quant)
+    embedding = pte_embedding(model, quant, embedding)
     max_len = max_len or model.config.max_seq_len
     if max_len < 2:
         raise MobileLLMError("--max-len must be at least 2")
@@ -130,8 +224,9 @@ def export_pte(model: MobileLLM, output: str | Path, *, quant: str = "fp32", gro
     except ImportError:
         raise MobileLLMError("ExecuTorch export needs the export extra: pip install 'mobilellm[export]'") from None
     if quant != "fp32" and not getattr(model, "quantization", None):
-        stages(f"quantize: {quant}" + (f", groups of {group_size}" if quant == "8da4w" else ""))
-    model = prepare_for_pte(model, quant, group_size)
+        stages(f"quantize: {quant}" + (f", groups of {group_size}" if quant == "8da4w" else "")
+               + f", embedding {embedding}")
+    model = prepare_for_pte(model, quant, group_size, embedding)
     wrapper = ExecuTorchLM(model, max_len).eval()
     cfg = model.config
     with torch.no_grad():  # with grad on, to_executorch fails on the in-place cache writes
@@ -143,16 +238,17 @@ def export_pte(model: MobileLLM, output: str | Path, *, quant: str = "fp32", gro
         ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
         stages("lower: XNNPACK partitioning and lowering")
         # IR validity re-checks every edge op; torch.export already checked the graph (~15% of lowering)
-        lowered = to_edge_transform_and_lower(
-            ep, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
-        )
+        with _decoder_xnnpack_passes():
+            lowered = to_edge_transform_and_lower(
+                ep, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
+            )
         stages("serialize: ExecuTorch program")
         program = lowered.to_executorch()
     output = Path(output)
     stages(f"write: {len(program.buffer) / 2**20:.1f} MiB")
     with atomic_path(output) as tmp:
         tmp.write_bytes(program.buffer)
-    return {"format": "pte", "quant": quant, "max_len": max_len, "bytes": output.stat().st_size,
+    return {"format": "pte", "quant": quant, "embedding": embedding, "max_len": max_len, "bytes": output.stat().st_size,
             "logical_layers": cfg.n_logical_layers, "physical_blocks": cfg.n_layers}
 
 
@@ -160,6 +256,7 @@ class PteRunner:
     """Run a .pte from the ExecuTorch Python runtime: prefill, then one token per call."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
+        import executorch.kernels.quantized  # noqa: F401  the quantized embedding kernels
         from executorch.runtime import Runtime
 
         if threads:
