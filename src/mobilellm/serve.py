@@ -1,20 +1,9 @@
 """An OpenAI-compatible HTTP API (FastAPI) over the generation engine; `mobilellm serve` runs it.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
-`stream: true` as server-sent events `data: {...}` ending in `data: [DONE]`).
-
-Concurrency: HTTP handlers only validate and queue; tokenizing and template rendering run on worker
-threads, off the event loop, so one large request never stalls the others (or /health). One
-background thread (BatchingLoop) owns the model: each iteration admits waiting requests into free
-cache rows (prefill) and runs one decode step for all active rows together (continuous batching),
-then hands every request its new text through an asyncio queue. A client that disconnects has its
-request cancelled and its row freed at the next step.
-
-Limits (ServerLimits; docs/inference.md): request bodies over `max_request_bytes` get 413 before
-they are read; prompts that cannot fit the context get 400 before they are tokenized; at most
-`max_queue` requests wait for a row, more get 503. Errors use OpenAI's body
-{"error": {"message", "type", "param", "code"}}; the server keeps serving.
-"""
+HTTP handlers only validate and queue; tokenizing and template rendering run on worker threads, so one
+large request never stalls the others. One background thread (BatchingLoop) owns the model and runs
+continuous batching, handing each request its new text through an asyncio queue. Endpoints, limits
+(ServerLimits) and OpenAI-style error bodies are described in docs/inference.md."""
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class of the route
 # handlers, which are defined inside OpenAIServer.app (fastapi is imported lazily).

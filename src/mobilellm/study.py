@@ -1,20 +1,9 @@
 """`mobilellm study <spec.yaml> [...]`: train and evaluate model variants under one recipe, then compare.
 
-A spec names the data, one training recipe shared by every variant, the evaluation, and the
-variants (a preset plus ModelConfig overrides each). Every variant is trained with the same data,
-tokens, schedule and seed, evaluated, and tabulated; finished variants are not redone, and an
-interrupted one resumes from its newest checkpoint.
-
-    <out>/data/                      prepared data (when the spec has a `prepare` section)
-    <out>/runs/<variant>/            a training run (config, metrics, checkpoints, final/) + eval.json
-    <out>/results.{md,csv,json}      the table
-    <out>/loss_curves.png, loss_vs_depth.png, accuracy_vs_params.png
-
-Several specs in one command share their work: identical `prepare` sections are prepared once, and
-a run whose training config, data and evaluation equal another's (the same baseline in two
-studies) is trained once and its results copied. `--jobs N` trains N runs at a time in worker
-processes (one GPU each on a multi-GPU machine; small models also share one GPU well).
-"""
+Every variant is trained with the same data, tokens, schedule and seed, evaluated and tabulated under
+<out>/ (runs/<variant>/, results.{md,csv,json}, plots); finished variants are not redone. Several specs
+in one command share identical prepare sections and identical runs; `--jobs N` trains N runs at a time
+in worker processes. docs/study.md describes the spec and the output layout."""
 
 from __future__ import annotations
 

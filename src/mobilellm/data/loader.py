@@ -1,21 +1,10 @@
 """The training loader: fixed-length samples from prepared token shards, exactly resumable.
 
-Samples. A split is one token stream (its shards concatenated). Sample i is the `seq_len + 1` tokens
-starting at i * seq_len; inputs are its first seq_len tokens, targets its last seq_len. Consecutive
-samples share one token, so every token is predicted once per epoch. Shards are memory-mapped.
-
-Order. The batch stream is one global sequence of sample positions 0, 1, 2, ... across epochs:
-position p is sample `perm_e(p mod n)` of epoch e = p // n, where perm_e is a seeded pseudo-random
-permutation computed pointwise (a Feistel network, no O(n) table, identical on every numpy version).
-Each step takes the next `global_batch = micro_batch * world_size` positions; rank r takes the r-th
-contiguous slice of micro_batch. DataLoader workers take whole steps round-robin, which the
-DataLoader hands back in order. The stream wraps into the next epoch mid-batch instead of dropping
-samples, so every sample is seen exactly once per epoch.
-
-State. `state_dict()` is the number of positions consumed (with epoch and offset for humans), the
-same on every rank. Resuming with another world size and the same global batch (more gradient
-accumulation steps) sees exactly the samples the uninterrupted run would have seen.
-"""
+A split is one memory-mapped token stream; sample i is the `seq_len + 1` tokens starting at i * seq_len.
+The order is a seeded pointwise permutation (a Feistel network: no O(n) table, identical on every numpy
+version) over one global sequence of positions across epochs, so every sample is seen exactly once per
+epoch and resuming with another world size and the same global batch sees the same samples.
+docs/data.md describes the sampling, the order and the state in full."""
 
 from __future__ import annotations
 

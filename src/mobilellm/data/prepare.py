@@ -1,18 +1,9 @@
 """`mobilellm prepare`: documents -> flat train/val token shards + manifest.json.
 
-Layout of a split: every document becomes `[BOS] tokens EOS` (BOS where the tokenizer's add_bos says
-so), documents follow each other with nothing in between, and the stream is cut into shards of
-`shard_tokens` tokens (`train-00000.bin`, ...: raw little-endian uint16, or uint32 for vocabularies
-over 65536). A document may continue in the next shard; the loader reads a split as one stream.
-
-Determinism: the output depends only on the inputs, the tokenizer and the options. Documents keep
-input order (sources as given, files sorted, records in file order); the train/val split and the
-source weights are decided by a keyed hash of each document's text, and threads only tokenize
-(results are collected in submission order). Re-running gives byte-identical files.
-
-Atomicity: everything is built in a temporary directory beside the output and swapped in at the end
-(manifest last), so an interrupted run leaves the previous output, if any, untouched.
-"""
+Every document becomes `[BOS] tokens EOS`, concatenated and cut into shards of `shard_tokens` tokens
+(raw little-endian uint16, or uint32 for vocabularies over 65536). The output depends only on the
+inputs, the tokenizer and the options (re-running gives byte-identical files), and it is built in a
+temporary directory swapped in at the end. docs/data.md describes the layout and guarantees."""
 
 from __future__ import annotations
 

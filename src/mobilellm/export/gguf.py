@@ -1,20 +1,8 @@
 """GGUF export for llama.cpp: the `llama` architecture written with `gguf.GGUFWriter`.
 
-  * weights   F32, F16, Q8_0 or Q4_0 (gguf's own numpy quantizers); norms stay F32. A matrix whose
-              rows are not a multiple of 32 cannot hold Q8_0/Q4_0 blocks and is written F16. With
-              Q4_0 the embedding (which is also the output matrix) is written Q8_0, as llama.cpp's own
-              quantizer keeps that matrix at higher precision.
-  * q/k       permuted from the rotate-half (HF) layout to llama.cpp's interleaved RoPE layout, as
-              llama.cpp's converter does.
-  * sharing   tied embeddings store no `output.weight` (llama.cpp reuses `token_embd.weight`);
-              llama.cpp cannot repeat blocks, so a layer-shared model is written unrolled (each logical
-              layer gets its block's weights; the file grows accordingly).
-  * tokenizer byte-level BPE `tokenizer.json` -> `gpt2` model with tokens, merges, token types and a
-              pre-tokenizer name llama.cpp knows; SentencePiece `tokenizer.model` -> `llama` model with
-              scores and token types, which needs all 256 `<0xXX>` byte tokens.
-A quantized model is exported from its dequantized weights (the values it computes with; its
-quantized modules are replaced by float ones in place).
-"""
+Weights F32, F16, Q8_0 or Q4_0 (gguf's own quantizers); q/k are permuted to llama.cpp's interleaved
+RoPE layout; a layer-shared model is written unrolled (llama.cpp cannot repeat blocks); a quantized
+model is exported from its dequantized weights. docs/export.md has the details."""
 
 from __future__ import annotations
 
