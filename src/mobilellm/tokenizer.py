@@ -1,20 +1,12 @@
 """Tokenizers: train a byte-level BPE, or load a `tokenizer.json` / SentencePiece `tokenizer.model`,
 behind one small interface that data preparation, training, evaluation and generation share.
 
-Two backends:
-  * `HFTokenizer` wraps Hugging Face `tokenizers` (any `tokenizer.json`, including the ones we train:
-    GPT-2 style ByteLevel pre-tokenizer and decoder, which llama.cpp implements as its "gpt2" pre-tokenizer).
-  * `SentencePieceTokenizer` wraps `sentencepiece` (e.g. the LLaMA-2 32k `tokenizer.model`). Its ids are
-    plain `sp.encode(text)`, the reference LLaMA tokenization. transformers 5.x `AutoTokenizer` on a
-    directory we save gives the same ids (tested). A config naming transformers' `LlamaTokenizer` class
-    would not match: that class differs from sentencepiece on leading and repeated spaces, so `save()`
-    names the generic `PreTrainedTokenizerFast` instead.
-
-Special tokens in the text ("</s>", "<|user|>") are recognised by `encode` (as in transformers, so
-rendered chat templates work; for SentencePiece, its control pieces such as "<s>" and "</s>" and the
-pieces between them are encoded one by one, like transformers' LLaMA tokenizer); `parse_special=False` spells them out
-as ordinary text, which is what data preparation wants (a literal "</s>" in a web page is not an EOS).
-"""
+`HFTokenizer` wraps Hugging Face `tokenizers`; `SentencePieceTokenizer` wraps `sentencepiece` (ids are
+plain `sp.encode(text)`, which transformers' `PreTrainedTokenizerFast` reproduces on a directory we save;
+its `LlamaTokenizer` class differs on leading and repeated spaces, so `save()` never names it).
+`encode` recognises special tokens in the text, as transformers does, so rendered chat templates work;
+`parse_special=False` spells them out as ordinary text, which is what data preparation wants (a literal
+"</s>" in a web page is not an EOS)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
 """Readers: input specs (files, folders, globs, `builtin:<name>`) -> documents as `str`.
 
-Formats by suffix: `.txt`/`.md` (one document per file, line or paragraph), `.jsonl`, `.json` (an array,
-one object, or JSON lines), `.parquet`; text formats may be `.gz` or `.zst` compressed.
-
-Problems with single documents or files are counted in a `Counter` and reading goes on; the caller
-reports the counts. What the user must fix (a missing path, an unsupported or corrupt file, a parquet
-file without the text column) raises MobileLLMError. A compressed file that is truncated or corrupt
-is such an error, naming the byte offset where its stream breaks; with `allow_truncated` the
-documents read before that point are kept, with a warning and a count ("damaged_file").
-"""
+Formats by suffix: .txt/.md, .jsonl, .json, .parquet; text formats may be .gz or .zst compressed.
+Problems with single documents or files are counted and reading goes on; what the user must fix (a
+missing path, an unsupported or corrupt file) raises MobileLLMError. A truncated or corrupt compressed
+stream is such an error unless `allow_truncated` keeps the documents before it (docs/data.md)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
 """Supervised fine-tuning data: conversations -> token ids with an assistant-only loss -> packed rows.
 
-Inputs (JSONL, one example per line):
-  * conversations: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-  * prompt/completion pairs: {"prompt": "...", "completion": "..."} (a user turn and an assistant turn)
-
-Each example is rendered with the chat template stored in the model directory (the one `chat` and
-`serve` use), and only the tokens of assistant turns carry a loss. Packing puts several examples in
-one row without letting them see each other: positions restart at 0 for each example and the
-attention mask is block-diagonal (causal within an example only).
-"""
+Inputs are JSONL `{"messages": [...]}` or `{"prompt", "completion"}` lines, rendered with the model
+directory's chat template (the one `chat` and `serve` use). Packed examples never see each other:
+positions restart at 0 per example and the attention mask is block-diagonal (docs/finetune.md)."""
 
 from __future__ import annotations
 

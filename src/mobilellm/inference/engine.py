@@ -1,15 +1,9 @@
 """The generation engine: continuous batching over the KV-cache rows of one backend.
 
-A waiting request is prefilled alone into a free row (no padding, positions 0..P-1), then joins the
-decode batch: every step feeds each active row's last token at its own position. Rows are
-independent, so a request gets the same tokens whether it runs alone or beside others.
-`generate` (offline batch) and `stream` (one prompt) drive the `submit / step / cancel` loop here;
-the server drives the same loop from a background thread.
-
-Context policy: a prompt must leave room for at least one new token (prompt tokens < context), or
-`make_request` raises MobileLLMError; generation stops with finish_reason "length" when the
-sequence reaches the context (`max_seq_len`, or the smaller `max_len` given to the engine).
-"""
+A waiting request is prefilled alone into a free row, then joins the decode batch; rows are independent,
+so a request gets the same tokens whether it runs alone or beside others. `generate` and `stream` drive
+the `submit / step / cancel` loop here; the server drives it from a background thread. A prompt must
+leave room for one new token, and generation stops with "length" at the context."""
 
 from __future__ import annotations
 
