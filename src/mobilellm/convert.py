@@ -154,9 +154,6 @@ def gguf_state_dict(reader, cfg) -> dict[str, torch.Tensor]:
     return state
 
 
-# ---- tokenizer ---------------------------------------------------------------------------------
-
-
 def _bpe_tokenizer(reader, path: Path, meta: dict):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -233,9 +230,6 @@ def gguf_tokenizer(reader, path: Path):
     if kind == "llama":
         return SentencePieceTokenizer(_sentencepiece_bytes(reader, meta), config, template)
     raise MobileLLMError(f"{path}: tokenizer type {kind!r} is not supported (supported: gpt2 BPE, llama SentencePiece)")
-
-
-# ---- the whole conversion ------------------------------------------------------------------
 
 
 def convert_gguf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", progress=None) -> dict:

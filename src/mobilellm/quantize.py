@@ -45,9 +45,6 @@ def _qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1  # int8 (-128, 127), int4 (-8, 7)
 
 
-# ---- numerics ------------------------------------------------------------------------------
-
-
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric min-max. w (out, in) float -> q (out, in) int8, scale (out, in // group) float32."""
     out_f, in_f = w.shape
@@ -93,9 +90,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     hi = (packed >> 4).to(torch.int8)
     both = torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)  # (out, in)
     return torch.where(both >= 8, both - 16, both).to(torch.int8)
-
-
-# ---- modules ---------------------------------------------------------------------------------
 
 
 class QuantizedLinear(nn.Module):
@@ -224,9 +218,6 @@ def float_modules(model: MobileLLM, keep=lambda module: False) -> MobileLLM:
         elif isinstance(mod, QuantizedEmbedding):  # lookups are exact on the dequantized table
             set_module(model, name, nn.Embedding.from_pretrained(mod.weight, freeze=True))
     return model
-
-
-# ---- fast CPU path ---------------------------------------------------------------------------
 
 
 def to_fast_cpu(model: MobileLLM) -> MobileLLM:

@@ -45,9 +45,6 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-# ---- the batching loop ---------------------------------------------------------------------------
-
-
 @dataclass
 class Handle:
     """Where the batching thread delivers one request's text: (delta, finish_reason or None) items."""
@@ -116,9 +113,6 @@ class BatchingLoop:
                 handle.loop.call_soon_threadsafe(handle.queue.put_nowait, (req.new_text, req.finish_reason))
                 if req.finished:
                     self.handles.pop(req.id, None)
-
-
-# ---- request bodies ------------------------------------------------------------------------------
 
 
 def _schemas():
@@ -197,9 +191,6 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-# ---- the server ----------------------------------------------------------------------------------
-
-
 class OpenAIServer:
     """The API over one engine. `app()` is the FastAPI application (the batching thread starts and
     stops with its lifespan)."""
@@ -216,7 +207,6 @@ class OpenAIServer:
         self.created = int(time.time())
         self.CompletionBody, self.ChatBody = _schemas()
 
-    # ---- the FastAPI application ---------------------------------------------------------------
     def app(self):
         import contextlib
 
@@ -280,7 +270,6 @@ class OpenAIServer:
 
         return app
 
-    # ---- endpoints ---------------------------------------------------------------------------------
     def health(self) -> dict:
         engine = self.engine
         return {"status": "ok", "model": self.model_name, "active": len(engine.active), "waiting": len(engine.waiting),
@@ -360,7 +349,6 @@ class OpenAIServer:
                              "finish_reason": _finish_reason(finish)}],
                 "usage": self._usage(handle)}
 
-    # ---- request handling ------------------------------------------------------------------------
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body is larger than {self.limits.max_request_bytes:,} bytes "
                              "(the server's --max-request-bytes)", code="request_too_large")

@@ -420,9 +420,6 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list
     return paths
 
 
-# ---- planning and running several specs ----------------------------------------------------------
-
-
 @dataclass
 class Job:
     spec_path: Path

@@ -50,7 +50,6 @@ class Tokenizer:
     # `tokenizers` uses its own pool (TOKENIZERS_PARALLELISM / RAYON_NUM_THREADS decide).
     threads: int = -1
 
-    # ---- encoding --------------------------------------------------------------------
     def _encode_plain(self, texts: list[str], parse_special: bool) -> list[list[int]]:
         raise NotImplementedError
 
@@ -82,7 +81,6 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         raise NotImplementedError
 
-    # ---- identity and IO -------------------------------------------------------------
     def canonical_bytes(self) -> bytes:
         """The bytes the fingerprint hashes: the tokenizer file as `save()` writes it (canonical JSON for BPE)."""
         raise NotImplementedError
@@ -141,9 +139,6 @@ class Tokenizer:
         return f"<{type(self).__name__}: {self.describe()}>"
 
 
-# ======================================================================================
-# tokenizer.json (Hugging Face `tokenizers`)
-# ======================================================================================
 class HFTokenizer(Tokenizer):
     kind = "bpe"
     file_name = "tokenizer.json"
@@ -233,9 +228,6 @@ class HFTokenizer(Tokenizer):
         self.__init__(_Tk.from_str(state["json"]), state["config"], state["chat_template"])
 
 
-# ======================================================================================
-# tokenizer.model (SentencePiece)
-# ======================================================================================
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
     file_name = "tokenizer.model"
@@ -336,9 +328,6 @@ class SentencePieceTokenizer(Tokenizer):
         self.__init__(state["model"], state["config"], state["chat_template"])
 
 
-# ======================================================================================
-# loading
-# ======================================================================================
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer.json or tokenizer.model file, or a directory holding one (tokenizer.json preferred).
 
@@ -418,9 +407,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja")
 
 
-# ======================================================================================
-# training
-# ======================================================================================
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,

@@ -137,9 +137,6 @@ class PackedTokens:
         return state
 
 
-# ---- the sample order -------------------------------------------------------------------------
-
-
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

@@ -66,7 +66,6 @@ def parse_source(spec: str) -> Source:
     return Source(spec, weight, files)
 
 
-# ---- deterministic per-document decisions -----------------------------------------------------
 def _unit(data: bytes, key: bytes, purpose: bytes) -> float:
     """A uniform number in [0, 1) from a keyed hash of the document: same text, same seed, same answer."""
     digest = hashlib.blake2b(data, digest_size=8, key=key, person=purpose).digest()
@@ -210,7 +209,6 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
         thread.join()
 
 
-# ---- shard writing --------------------------------------------------------------------------
 class _ShardWriter:
     """Appends documents to `<split>-NNNNN.bin` files of exactly `shard_tokens` tokens (the last one fewer)."""
 
@@ -266,7 +264,6 @@ class _ShardWriter:
             self._fh = None
 
 
-# ---- the command ------------------------------------------------------------------------------
 def default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))

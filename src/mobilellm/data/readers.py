@@ -394,7 +394,6 @@ def _read_parquet(path: Path, text_field: str, counts: Counter) -> Iterator[str]
                 yield from _emit(text, counts)
 
 
-# ---- several inputs at once ---------------------------------------------------------------
 def read_spec(spec: str, text_field: str = "text", counts: Counter | None = None, txt_mode: str = "file",
               warn: Warn = warn_stderr, allow_truncated: bool = False) -> Iterator[str]:
     """The documents of one input spec: a path, folder, glob or `builtin:<name>`."""

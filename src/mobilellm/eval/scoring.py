@@ -91,7 +91,6 @@ class LoglikelihoodScorer:
             bar.close()
         return results  # type: ignore[return-value]
 
-    # ---- packing --------------------------------------------------------------------------------
     def _pack(self, pairs: list[tuple[list[int], list[int]]]) -> list[_Row]:
         """Group requests by identical context tokens; split a group that would not fit the context."""
         groups: dict[tuple[int, ...], _Row] = {}
@@ -120,7 +119,6 @@ class LoglikelihoodScorer:
         kept = full[-n_cont:]
         return _Row(context=full[:-n_cont], branches=[kept[:-1]], targets=[kept], request_ids=[rid])
 
-    # ---- one padded batch -----------------------------------------------------------------------
     def _run(self, batch: list[_Row]) -> list[tuple[float, bool]]:
         L = max(r.length() for r in batch)
         B = len(batch)

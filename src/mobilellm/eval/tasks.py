@@ -164,8 +164,6 @@ def _boolq_label(doc: dict) -> int:
     return int(doc["label"])
 
 
-# ---- the task table -----------------------------------------------------------------------------
-
 _ACC = ("acc",)
 _ACC_NORM = ("acc", "acc_norm")
 TASKS: dict[str, Task] = {

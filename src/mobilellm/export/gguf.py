@@ -23,9 +23,6 @@ GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-# ---- tokenizer metadata ---------------------------------------------------------------------
-
-
 def _bpe_pre_tokenizer_name(pre: dict | None) -> str:
     """Map a tokenizer.json pre-tokenizer onto a llama.cpp pre-tokenizer name (or fail clearly)."""
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
@@ -104,9 +101,6 @@ def tokenizer_metadata(directory: Path, vocab_size: int) -> dict:
     meta.update(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, add_bos=tok.add_bos,
                 chat_template=tok.chat_template)
     return meta
-
-
-# ---- tensors -----------------------------------------------------------------------------------
 
 
 def permute_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -108,7 +108,6 @@ class Engine:
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "peak_batch": 0}
         self.last: Completion | None = None  # set by stream()
 
-    # ---- sizes ----------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
         """Bytes of weights as held for decoding (an fp32/bf16 tied output matrix is the embedding)."""
         return self.backend.nbytes
@@ -124,7 +123,6 @@ class Engine:
                 ids.add(i)
         return ids
 
-    # ---- requests -------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise MobileLLMError("this model directory has no tokenizer; add tokenizer files or pass token ids")
@@ -167,7 +165,6 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.rows)
 
-    # ---- one scheduler step -----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Request]:
         """Admit waiting requests into free rows (prefill), then one decode step for all active rows.
@@ -245,7 +242,6 @@ class Engine:
             self.rows[req.row] = None
             self.backend.free(req.row)
 
-    # ---- drivers ------------------------------------------------------------------------------------
     def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams) -> list[Completion]:
         """Generate for many prompts, `max_batch` at a time (same tokens as one by one)."""
         requests = [self.make_request(p, params) for p in prompts]  # all checked before any runs

@@ -203,9 +203,6 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-# ---- old checkpoints ---------------------------------------------------------------------------------
-
-
 def convert_legacy(checkpoint: Path) -> Path:
     """Rewrite an old-format checkpoint's trainer_state.pt as trainer_state.json + .safetensors.
 

@@ -83,9 +83,6 @@ class TrainResult:
         return out
 
 
-# ---- data -------------------------------------------------------------------------------------
-
-
 @dataclass
 class TrainData:
     """What the loop consumes. `stream`: this rank's endless micro-batches with state_dict() /
@@ -154,9 +151,6 @@ def as_batch(batch, device: torch.device) -> tuple[dict, int]:
         batch = {"inputs": batch[0], "targets": batch[1]}
     weight = batch.get("weight", batch["inputs"].shape[0])
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "weight"}, weight
-
-
-# ---- helpers ------------------------------------------------------------------------------------
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -257,9 +251,6 @@ def validation_loss(loss_module: CausalLMLoss, data: TrainData, env: Dist, autoc
     loss_module.train(was_training)
     total, rows = env.mean(total) * env.world_size, env.mean(rows) * env.world_size
     return total / rows if rows else None
-
-
-# ---- the run ------------------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig, resume: str | None = "auto", progress: bool = True,
