@@ -594,12 +594,9 @@ def merge_runs(planned: list[Job], sources: list) -> int:
 
 def run_study(spec_paths, out: str | Path | None = None, only: list[str] | None = None, jobs: int = 1,
               merge: list | None = None) -> list[dict]:
-    """Plan, prepare, train/evaluate (skipping finished and duplicate runs), then tabulate each spec.
-
-    `merge`: result folders of other jobs to combine instead of training; runs found in none of them
-    are left out of the table (and named). Returns one result per spec: {out, markdown, plots,
-    records}. A single spec path may be given as is.
-    """
+    """Plan, prepare, train/evaluate (skipping finished and duplicate runs), then tabulate each spec:
+    one {out, markdown, plots, records} per spec (just one for a single spec path). `merge`: result
+    folders of other jobs to combine instead of training (see merge_runs)."""
     if isinstance(spec_paths, (str, Path)):
         return run_study([spec_paths], out, only, jobs, merge)[0]
     if not isinstance(jobs, int) or jobs < 1:

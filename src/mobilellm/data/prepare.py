@@ -308,9 +308,6 @@ def prepare(
 ) -> dict:
     """Tokenize `inputs` (specs as for `parse_source`) into `output`; returns the manifest.
 
-    A truncated or corrupt compressed input is an error; `allow_truncated` keeps the documents read
-    before the damage instead (warned about, and counted in the manifest's skips as damaged_file).
-
     `workers`: tokenizer threads (None or 0: one per core). sentencepiece honours it exactly;
     `tokenizers` uses one thread for workers=1, else its process-wide pool (see `configure_threads`).
     """

@@ -178,11 +178,7 @@ def read_documents(
     warn: Warn = warn_stderr,
     allow_truncated: bool = False,
 ) -> Iterator[str]:
-    """Yield the documents of one file, counting skips and repairs in `counts`.
-
-    allow_truncated: keep the documents read before the point where a compressed file is truncated
-    or corrupt (with a warning and a count) instead of raising.
-    """
+    """Yield the documents of one file, counting skips and repairs in `counts` (allow_truncated: module doc)."""
     path = Path(path)
     counts = Counter() if counts is None else counts
     kind, compression = format_of(path)

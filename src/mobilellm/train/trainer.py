@@ -256,12 +256,8 @@ def validation_loss(loss_module: CausalLMLoss, data: TrainData, env: Dist, autoc
 def train(cfg: TrainConfig, resume: str | None = "auto", progress: bool = True,
           data_fn: Callable[[TrainConfig, ModelConfig, Dist], TrainData] | None = None,
           overwrite: bool = False) -> TrainResult:
-    """Run (or resume) training. data_fn builds the data (default: prepared token shards).
-
-    resume: auto (the run folder's newest checkpoint), none, or a checkpoint path. A run folder that
-    holds checkpoints or a final model this run would not continue is refused unless `overwrite`,
-    which starts afresh (or from the given checkpoint) and deletes them.
-    """
+    """Run (or resume) training. data_fn builds the data (default: prepared token shards); `resume` and
+    `overwrite` are as for rundir.start_point."""
     cfg.validate()
     env = setup(cfg.run.device)
     lock = RunLock(Path(cfg.run.out_dir))
