@@ -1,12 +1,8 @@
 """Knowledge distillation: loss = (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher_T || student_T).
 
-The teacher (any model directory with the same vocabulary) runs on the fly on each micro-batch,
-without gradients. Logits are formed chunk by chunk under activation checkpointing, so neither
-model's full tokens x vocabulary logits stay in memory.
-
-Fine-tuning sees the same packed rows every epoch, so the teacher's logits can be cached on disk
-(TeacherCache, `distill.cache_dir`): the teacher then runs once per row instead of once per epoch.
-"""
+The teacher (same vocabulary) runs without gradients on each micro-batch, logits formed chunk by chunk
+under activation checkpointing so neither model's full logits stay in memory. Fine-tuning sees the same
+rows every epoch, so TeacherCache (`distill.cache_dir`) can store the teacher's logits on disk."""
 
 from __future__ import annotations
 
