@@ -181,10 +181,8 @@ def collate(rows: list[dict], row_ids: list[int] | None = None) -> dict:
 class SFTStream:
     """Endless micro-batches of packed rows for one rank, reshuffled every epoch with a seed.
 
-    Same contract as the pretraining BatchStream: each next() is one micro-step of all ranks
-    (global batch = micro_batch x world_size rows), and the state is the position in that order,
-    so a resumed run continues with the next unseen rows. Batches carry "row_ids" (indices into
-    `rows`, stable across epochs) for the distillation cache.
+    Same contract as the pretraining BatchStream (one next() is one micro-step of all ranks; the state is
+    the position in that order). Batches carry "row_ids" (indices into `rows`) for the distillation cache.
     """
 
     def __init__(self, rows: list[dict], micro_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):

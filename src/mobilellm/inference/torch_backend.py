@@ -29,11 +29,9 @@ def _onednn_available(dtype: torch.dtype) -> bool:
 def _linear(m: Matrix, precision: str, prepack: bool = True):
     """(x -> x @ W.T, (x, r) -> r + x @ W.T, bytes held) in the decode precision.
 
-    fp32 / bf16: oneDNN with the weight reordered once into its blocked layout (about twice the
-    speed of the default BLAS call for one-row products on some CPUs, e.g. AMD EPYC), the residual
-    add fused into the same call; a plain matmul where oneDNN is missing or prepack=False
-    (torch.compile packs weights itself). fp16 / int8: fbgemm's dynamic kernels, fp16 weights or the
-    layout's int8 rows (the quantizer's integers) with activations quantized per call; both return fp32.
+    fp32 / bf16: oneDNN with the weight prepacked once (about twice the default BLAS speed for one-row
+    products on some CPUs) and the residual add fused, else a plain matmul (no oneDNN, or prepack=False:
+    torch.compile packs weights itself). fp16 / int8: fbgemm's dynamic kernels, returning fp32.
     int4: the quantized arithmetic in fp32 (a reference, not a fast path).
     """
     if precision in ("fp32", "bf16"):
