@@ -423,9 +423,8 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a GPT-2 style byte-level BPE with Hugging Face `tokenizers`.
 
-    Special tokens get the lowest ids in the order pad, bos, eos, `<|role|>` per role, extra — so with
-    the defaults pad=0, bos=1, eos=2 (the ids ModelConfig assumes). No UNK is needed: every byte has a
-    token. `chat_template="default"` stores chat_template.default_chat_template; None leaves it out.
+    Special tokens get the lowest ids (pad, bos, eos, `<|role|>` per role, extra: the defaults give
+    pad=0, bos=1, eos=2, as ModelConfig assumes); every byte has a token, so no UNK is needed.
     """
     from tokenizers import Tokenizer as _Tk
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers

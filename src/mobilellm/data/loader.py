@@ -289,10 +289,9 @@ def validation_batches(data: PackedTokens, micro_batch: int, max_batches: int | 
                        world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's validation batches in fixed order (samples 0, 1, 2, ...; no shuffling).
 
-    Global batch b covers samples [b*G, (b+1)*G), G = micro_batch * world_size, rank r the r-th
-    slice; `max_batches` caps the number of global batches. Every rank yields the same number of
-    batches; the last one can be shorter, or empty (0 rows) on high ranks, so weight losses by
-    row count and sum across ranks: the result is then the same for every world size.
+    Global batch b covers samples [b*G, (b+1)*G), G = micro_batch * world_size, rank r the r-th slice.
+    The last batch can be short or empty on high ranks: weight losses by row count and sum across ranks,
+    and the result is the same for every world size.
     """
     if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise MobileLLMError(f"bad batch layout: micro_batch={micro_batch}, rank={rank}, world_size={world_size}")

@@ -146,10 +146,9 @@ def _encode_all(chunks: Iterator[_Chunk], tok: Tokenizer, dtype: str,
                 workers: int) -> Iterator[tuple[_Chunk, np.ndarray, np.ndarray]]:
     """Tokenize chunks in input order with two calls in flight.
 
-    The backends release the GIL while they work, so: a reader thread parses the next chunks, the
-    tokenizer's threads pick up the second call's documents while the first call's last (longest)
-    documents finish, the id-list -> array conversion of one call overlaps the other, and the caller
-    writes meanwhile. Results are taken in submission order, so threads never change the output.
+    The backends release the GIL, so a reader thread parses the next chunks, the second call keeps the
+    tokenizer's threads busy while the first call's longest documents finish, and the caller writes
+    meanwhile. Results are taken in submission order, so threads never change the output.
     """
     threads, tok.threads = tok.threads, workers  # sentencepiece's per-call thread count
     in_flight = 1 if workers == 1 else 2

@@ -206,9 +206,8 @@ def _first_line(err: BaseException) -> str:
 def convert_legacy(checkpoint: Path) -> Path:
     """Rewrite an old-format checkpoint's trainer_state.pt as trainer_state.json + .safetensors.
 
-    The pickle is read with torch's weights-only unpickler, which builds tensors and plain values and
-    nothing else; the only extra types allowed are numpy's array and dtype (numpy's RNG state). A
-    file that needs anything more is refused: it is not a trainer state this project wrote.
+    The pickle is read with torch's weights-only unpickler (tensors and plain values, plus numpy's array
+    and dtype for its RNG state); a file that needs anything more is not a trainer state we wrote.
     """
     file = checkpoint / LEGACY_FILE
     if not file.is_file():
