@@ -145,12 +145,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def permute(index: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
-    """perm(index) for a pseudo-random permutation of range(n) chosen by (seed, epoch).
-
-    A 4-round Feistel network on the smallest even number of bits that covers n is a bijection on
-    [0, 2^bits); "cycle walking" (re-applying it to values >= n) restricts it to [0, n). Pure integer
-    arithmetic: the order never changes with library versions, and no n-sized table is built.
-    """
+    """perm(index) for a pseudo-random permutation of range(n) chosen by (seed, epoch): a 4-round Feistel
+    network on the smallest even number of bits covering n, restricted to [0, n) by "cycle walking"
+    (re-applying it to values >= n). Pure integer arithmetic: no n-sized table, no library dependence."""
     bits = max(2, (n - 1).bit_length())
     bits += bits & 1
     half = np.uint64(bits // 2)
