@@ -1,8 +1,5 @@
-"""ModelConfig, the layer-sharing order (layer_to_block) and the named presets (docs/paper.md).
-
-A config describes *physical* blocks (`n_layers`, the weights that exist) and a sharing
-strategy that maps every *logical* layer (one run of a block) to a physical block.
-"""
+"""ModelConfig, the layer-sharing order (layer_to_block) and the named presets (docs/paper.md). A config
+describes *physical* blocks (`n_layers`) and a sharing strategy mapping every *logical* layer to one."""
 
 from __future__ import annotations
 
