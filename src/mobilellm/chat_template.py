@@ -1,16 +1,10 @@
 """Chat templates (Hugging Face convention): rendering conversations to prompt text, safely.
 
-A model directory may carry a Jinja chat template (`chat_template` in tokenizer_config.json, read
-through the Tokenizer); `apply_chat_template` renders it the way transformers does (`messages`,
-`add_generation_prompt`, `bos_token`, `eos_token`), so fine-tuning, chat and serving format
-conversations identically. Without a stored template, `default_chat_template()` is used: the one
-`mobilellm tokenizer train` stores (`<|role|>` + newline + content, each turn closed by the EOS
-token so generation stops there).
-
-A template comes from a model directory, i.e. possibly from a stranger: it renders in Jinja's
-immutable sandbox (no attribute tricks, no mutation), within RENDER_SECONDS and with its output and
-repetitions bounded, so a hostile template costs one error, not a hung process.
-"""
+`apply_chat_template` renders a model directory's Jinja template the way transformers does, so
+fine-tuning, chat and serving format conversations identically; without one, `default_chat_template()`
+(the one `mobilellm tokenizer train` stores) is used. A template may come from a stranger: it renders
+in Jinja's immutable sandbox, within RENDER_SECONDS and with bounded output, so a hostile template costs
+one error, not a hung process."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""ModelConfig, the layer-sharing order (layer_to_block) and the named presets (docs/paper.md).
-
-A config describes *physical* blocks (`n_layers`, the weights that exist) and a sharing
-strategy that maps every *logical* layer (one run of a block) to a physical block.
-"""
+"""ModelConfig, the layer-sharing order (layer_to_block) and the named presets (docs/paper.md). A config
+describes *physical* blocks (`n_layers`) and a sharing strategy mapping every *logical* layer to one."""
 
 from __future__ import annotations
 
@@ -40,7 +37,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    # ---- validation -------------------------------------------------------------------
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
@@ -73,7 +69,6 @@ class ModelConfig:
         if not (self.norm_eps > 0 and self.rope_theta > 0 and self.init_std > 0):
             raise MobileLLMError("model config: norm_eps, rope_theta and init_std must be positive")
 
-    # ---- derived shapes ---------------------------------------------------------------
     @property
     def attn_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
@@ -96,7 +91,6 @@ class ModelConfig:
         # reverse: 1..L, L..1, 1..L, ...
         return [i for r in range(k) for i in (blocks if r % 2 == 0 else blocks[::-1])]
 
-    # ---- parameter counts (analytic, match the built model) ---------------------------
     def block_params(self) -> int:
         d, hd = self.dim, self.attn_head_dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q, o + k, v
@@ -122,7 +116,6 @@ class ModelConfig:
         per_layer = 2 * matmul_params + 2 * 2 * t * self.n_heads * hd
         return self.n_logical_layers * per_layer + 2 * self.vocab_size * d
 
-    # ---- (de)serialisation ------------------------------------------------------------
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

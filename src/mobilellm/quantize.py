@@ -1,26 +1,9 @@
-"""Post-training quantization: the schemes, their numerics and the quantized modules.
-
-Schemes (every nn.Linear of every block; the embedding/output matrix has its own setting):
-  w8a8   int8 weights per output channel + int8 activations per token, dynamic (the paper's scheme)
-  int8   int8 weights per output channel, activations stay float (weight-only)
-  8da4w  int4 weights in groups of `group_size` input columns + int8 dynamic activations per token
+"""Post-training quantization: the schemes (w8a8, int8, 8da4w), their numerics and the quantized modules.
 
 Numerics follow torchao's conventions exactly, so the ExecuTorch exporter can hand our integers to
-torchao/XNNPACK unchanged (tests compare against torchao where it is installed):
-  weights      symmetric min-max: scale = max|w| / ((qmax - qmin) / 2), q = clamp(round(w / scale))
-               int8 range [-128, 127], int4 range [-8, 7]
-  activations  asymmetric min-max per token: range [min(x, 0), max(x, 0)] -> int8 [-128, 127]
-The reference modules below compute in float on the dequantized values ("fake quant"): the result
-equals the integer kernel's up to float rounding, and this path needs nothing beyond torch.
-
-On disk (a normal model directory; transformers cannot load it):
-  config.json        `model_type: mobilellm`, our config, plus
-                     "quantization": {"scheme", "group_size", "embedding", "format_version"}
-  model.safetensors  for a quantized matrix `X.weight` (int8, or uint8 with two int4 per byte, low
-                     nibble first) and `X.weight_scale` (float32, (out_features, n_groups));
-                     everything else (norms, an unquantized embedding) as float.
-`mobilellm.checkpoint` reads and writes that format (save_model_dir, load_model_dir).
-"""
+torchao/XNNPACK unchanged. The reference modules below compute in float on the dequantized values
+("fake quant"): the result equals the integer kernel's up to float rounding and needs nothing beyond
+torch. The on-disk format (read and written by mobilellm.checkpoint) is described in docs/export.md."""
 
 from __future__ import annotations
 
@@ -60,9 +43,6 @@ def scheme_from_name(name: str, group_size: int = 32) -> QuantScheme:
 
 def _qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1  # int8 (-128, 127), int4 (-8, 7)
-
-
-# ---- numerics ------------------------------------------------------------------------------
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,9 +90,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     hi = (packed >> 4).to(torch.int8)
     both = torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)  # (out, in)
     return torch.where(both >= 8, both - 16, both).to(torch.int8)
-
-
-# ---- modules ---------------------------------------------------------------------------------
 
 
 class QuantizedLinear(nn.Module):
@@ -241,9 +218,6 @@ def float_modules(model: MobileLLM, keep=lambda module: False) -> MobileLLM:
         elif isinstance(mod, QuantizedEmbedding):  # lookups are exact on the dequantized table
             set_module(model, name, nn.Embedding.from_pretrained(mod.weight, freeze=True))
     return model
-
-
-# ---- fast CPU path ---------------------------------------------------------------------------
 
 
 def to_fast_cpu(model: MobileLLM) -> MobileLLM:

@@ -1,20 +1,9 @@
 """An OpenAI-compatible HTTP API (FastAPI) over the generation engine; `mobilellm serve` runs it.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
-`stream: true` as server-sent events `data: {...}` ending in `data: [DONE]`).
-
-Concurrency: HTTP handlers only validate and queue; tokenizing and template rendering run on worker
-threads, off the event loop, so one large request never stalls the others (or /health). One
-background thread (BatchingLoop) owns the model: each iteration admits waiting requests into free
-cache rows (prefill) and runs one decode step for all active rows together (continuous batching),
-then hands every request its new text through an asyncio queue. A client that disconnects has its
-request cancelled and its row freed at the next step.
-
-Limits (ServerLimits; docs/inference.md): request bodies over `max_request_bytes` get 413 before
-they are read; prompts that cannot fit the context get 400 before they are tokenized; at most
-`max_queue` requests wait for a row, more get 503. Errors use OpenAI's body
-{"error": {"message", "type", "param", "code"}}; the server keeps serving.
-"""
+HTTP handlers only validate and queue; tokenizing and template rendering run on worker threads, so one
+large request never stalls the others. One background thread (BatchingLoop) owns the model and runs
+continuous batching, handing each request its new text through an asyncio queue. Endpoints, limits
+(ServerLimits) and OpenAI-style error bodies are described in docs/inference.md."""
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class of the route
 # handlers, which are defined inside OpenAIServer.app (fastapi is imported lazily).
@@ -54,9 +43,6 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# ---- the batching loop ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -127,9 +113,6 @@ class BatchingLoop:
                 handle.loop.call_soon_threadsafe(handle.queue.put_nowait, (req.new_text, req.finish_reason))
                 if req.finished:
                     self.handles.pop(req.id, None)
-
-
-# ---- request bodies ------------------------------------------------------------------------------
 
 
 def _schemas():
@@ -208,9 +191,6 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-# ---- the server ----------------------------------------------------------------------------------
-
-
 class OpenAIServer:
     """The API over one engine. `app()` is the FastAPI application (the batching thread starts and
     stops with its lifespan)."""
@@ -227,7 +207,6 @@ class OpenAIServer:
         self.created = int(time.time())
         self.CompletionBody, self.ChatBody = _schemas()
 
-    # ---- the FastAPI application ---------------------------------------------------------------
     def app(self):
         import contextlib
 
@@ -291,7 +270,6 @@ class OpenAIServer:
 
         return app
 
-    # ---- endpoints ---------------------------------------------------------------------------------
     def health(self) -> dict:
         engine = self.engine
         return {"status": "ok", "model": self.model_name, "active": len(engine.active), "waiting": len(engine.waiting),
@@ -371,7 +349,6 @@ class OpenAIServer:
                              "finish_reason": _finish_reason(finish)}],
                 "usage": self._usage(handle)}
 
-    # ---- request handling ------------------------------------------------------------------------
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body is larger than {self.limits.max_request_bytes:,} bytes "
                              "(the server's --max-request-bytes)", code="request_too_large")

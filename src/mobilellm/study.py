@@ -1,20 +1,9 @@
 """`mobilellm study <spec.yaml> [...]`: train and evaluate model variants under one recipe, then compare.
 
-A spec names the data, one training recipe shared by every variant, the evaluation, and the
-variants (a preset plus ModelConfig overrides each). Every variant is trained with the same data,
-tokens, schedule and seed, evaluated, and tabulated; finished variants are not redone, and an
-interrupted one resumes from its newest checkpoint.
-
-    <out>/data/                      prepared data (when the spec has a `prepare` section)
-    <out>/runs/<variant>/            a training run (config, metrics, checkpoints, final/) + eval.json
-    <out>/results.{md,csv,json}      the table
-    <out>/loss_curves.png, loss_vs_depth.png, accuracy_vs_params.png
-
-Several specs in one command share their work: identical `prepare` sections are prepared once, and
-a run whose training config, data and evaluation equal another's (the same baseline in two
-studies) is trained once and its results copied. `--jobs N` trains N runs at a time in worker
-processes (one GPU each on a multi-GPU machine; small models also share one GPU well).
-"""
+Every variant is trained with the same data, tokens, schedule and seed, evaluated and tabulated under
+<out>/ (runs/<variant>/, results.{md,csv,json}, plots); finished variants are not redone. Several specs
+in one command share identical prepare sections and identical runs; `--jobs N` trains N runs at a time
+in worker processes. docs/study.md describes the spec and the output layout."""
 
 from __future__ import annotations
 
@@ -320,20 +309,16 @@ def write_tables(rows: list[dict], out: Path, spec: StudySpec, gap_rows: list[di
     return markdown
 
 
-def _curve(run_dir: Path) -> tuple[list, list, list, list]:
-    steps_t, loss_t, steps_v, loss_v = [], [], [], []
+def _train_curve(run_dir: Path) -> tuple[list, list]:
+    """(tokens, training loss) from a run's metrics.jsonl; empty when it has none."""
     metrics = run_dir / "metrics.jsonl"
+    points = {}
     if metrics.exists():
-        train_points, val_points = {}, {}
         for line in metrics.read_text().splitlines():
             rec = json.loads(line)
             if "loss" in rec:
-                train_points[rec["tokens"]] = rec["loss"]
-            if "val_loss" in rec:
-                val_points[rec["step"]] = rec["val_loss"]
-        steps_t, loss_t = list(train_points), list(train_points.values())
-        steps_v, loss_v = list(val_points), list(val_points.values())
-    return steps_t, loss_t, steps_v, loss_v
+                points[rec["tokens"]] = rec["loss"]
+    return list(points), list(points.values())
 
 
 def mean_curves(records: list[dict]) -> dict:
@@ -364,7 +349,10 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list
 
     paths = []
 
-    def save(fig, name):
+    def save(fig, ax, name, legend=True):
+        if legend:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
         with atomic_path(out / name) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -372,13 +360,11 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in records:
-        tokens, loss, _, _ = _curve(out / "runs" / r["run"])
+        tokens, loss = _train_curve(out / "runs" / r["run"])
         if tokens:
             ax.plot(tokens, loss, label=r["run"], linewidth=1.2)
     ax.set(xlabel="training tokens", ylabel="training loss", title="Loss curves")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    save(fig, "loss_curves.png")
+    save(fig, ax, "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["logical_layers"] for r in rows if r.get("val_loss") is not None]
@@ -388,8 +374,7 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list
         if r.get("val_loss") is not None:
             ax.annotate(r["run"], (r["logical_layers"], r["val_loss"]), fontsize=7)
     ax.set(xlabel="logical layers (depth)", ylabel="validation loss", title="Final validation loss vs depth")
-    ax.grid(alpha=0.3)
-    save(fig, "loss_vs_depth.png")
+    save(fig, ax, "loss_vs_depth.png", legend=False)
 
     curves = mean_curves(records)
     if curves:
@@ -400,9 +385,7 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list
                         marker="o", label=variant, linewidth=1.2, capsize=2)
         ax.set(xscale="log", xlabel="training tokens (each point an annealed model)", ylabel="held-out loss",
                title="Held-out loss vs tokens (mean over seeds; bars: seed range)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        save(fig, "loss_vs_tokens.png")
+        save(fig, ax, "loss_vs_tokens.png")
     found = [g for g in gap_rows if g["points"]]
     if found:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -411,9 +394,7 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set(xscale="log", xlabel="training tokens", ylabel="held-out loss difference (nats)",
                title="Gaps (below zero: the first variant wins)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        save(fig, "gaps.png")
+        save(fig, ax, "gaps.png")
     timed = [r for r in rows if r.get("decode_ms_fp32") is not None and r.get("val_loss") is not None]
     if timed:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -425,9 +406,7 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list
                 ax.annotate(r["run"], (r[key], r["val_loss"]), fontsize=6)
         ax.set(xlabel="decode ms/token (2-core CPU, native engine)", ylabel="held-out loss",
                title="Quality against measured latency")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        save(fig, "pareto.png")
+        save(fig, ax, "pareto.png")
 
     metric = "zero_shot_avg" if any("zero_shot_avg" in r for r in rows) else (
         "lambada_acc" if any("lambada_acc" in r for r in rows) else "val_ppl")
@@ -437,12 +416,8 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list
             ax.scatter(r["params"] / 1e6, r[metric])
             ax.annotate(r["run"], (r["params"] / 1e6, r[metric]), fontsize=7)
     ax.set(xlabel="parameters (M)", ylabel=metric.replace("_", " "), title=f"{metric} vs parameters")
-    ax.grid(alpha=0.3)
-    save(fig, "accuracy_vs_params.png")
+    save(fig, ax, "accuracy_vs_params.png", legend=False)
     return paths
-
-
-# ---- planning and running several specs ----------------------------------------------------------
 
 
 @dataclass
@@ -619,12 +594,9 @@ def merge_runs(planned: list[Job], sources: list) -> int:
 
 def run_study(spec_paths, out: str | Path | None = None, only: list[str] | None = None, jobs: int = 1,
               merge: list | None = None) -> list[dict]:
-    """Plan, prepare, train/evaluate (skipping finished and duplicate runs), then tabulate each spec.
-
-    `merge`: result folders of other jobs to combine instead of training; runs found in none of them
-    are left out of the table (and named). Returns one result per spec: {out, markdown, plots,
-    records}. A single spec path may be given as is.
-    """
+    """Plan, prepare, train/evaluate (skipping finished and duplicate runs), then tabulate each spec:
+    one {out, markdown, plots, records} per spec (just one for a single spec path). `merge`: result
+    folders of other jobs to combine instead of training (see merge_runs)."""
     if isinstance(spec_paths, (str, Path)):
         return run_study([spec_paths], out, only, jobs, merge)[0]
     if not isinstance(jobs, int) or jobs < 1:
@@ -632,9 +604,7 @@ def run_study(spec_paths, out: str | Path | None = None, only: list[str] | None 
     planned = plan(spec_paths, out, only)
     if merge:
         print(f"study: merged {merge_runs(planned, merge)} run(s) from {len(merge)} folder(s)")
-        return [report(group[0].spec, spec_out, group)
-                for spec_out in dict.fromkeys(j.out for j in planned)
-                for group in [[j for j in planned if j.out == spec_out]]]
+        return _report_all(planned)
     prepare_all(planned)
     first: dict[str, Job] = {}
     duplicates = []
@@ -657,11 +627,15 @@ def run_study(spec_paths, out: str | Path | None = None, only: list[str] | None 
     for source, target in duplicates:
         if not (target.run_dir / "eval.json").exists():
             copy_results(source, target)
-    results = []
-    for spec_out in dict.fromkeys(j.out for j in planned):
-        spec_jobs = [j for j in planned if j.out == spec_out]
-        results.append(report(spec_jobs[0].spec, spec_out, spec_jobs))
-    return results
+    return _report_all(planned)
+
+
+def _report_all(planned: list[Job]) -> list[dict]:
+    """report() for each spec's output folder, in plan order."""
+    groups: dict[Path, list[Job]] = {}
+    for job in planned:
+        groups.setdefault(job.out, []).append(job)
+    return [report(jobs[0].spec, spec_out, jobs) for spec_out, jobs in groups.items()]
 
 
 def run_one(spec_path: str | Path, run_name: str, data_dir: str | Path, out: str | Path) -> None:

@@ -1,15 +1,9 @@
 """Loss-vs-tokens curves for a study: annealed models at several token counts from one run.
 
-Every point of a curve is a finished (decayed) model, not a mid-schedule snapshot. The main run
-uses the warmup-stable-decay schedule; its LR is constant in the stable phase, so a run of T tokens
-with the same schedule is identical to the main run up to the step where its own decay starts.
-The main run therefore keeps a checkpoint at each such step, and a short *decay branch* resumes
-from it and decays to T tokens (cost: decay_fraction x T tokens per point instead of T).
-
-Each point is scored on the held-out split and, for the train/held-out gap, on as many samples of
-the training split: loss in nats per token and bits per byte (tokenizer-free; special tokens
-count zero bytes).
-"""
+With the warmup-stable-decay schedule a run of T tokens is identical to the main run up to the step where
+its own decay starts, so the main run keeps a checkpoint at each such step and a short *decay branch*
+resumes from it and decays to T tokens (decay_fraction x T tokens per point instead of T). Each point is
+scored on the held-out and training splits in nats per token and bits per byte (docs/study.md)."""
 
 from __future__ import annotations
 

@@ -1,20 +1,12 @@
 """Tokenizers: train a byte-level BPE, or load a `tokenizer.json` / SentencePiece `tokenizer.model`,
 behind one small interface that data preparation, training, evaluation and generation share.
 
-Two backends:
-  * `HFTokenizer` wraps Hugging Face `tokenizers` (any `tokenizer.json`, including the ones we train:
-    GPT-2 style ByteLevel pre-tokenizer and decoder, which llama.cpp implements as its "gpt2" pre-tokenizer).
-  * `SentencePieceTokenizer` wraps `sentencepiece` (e.g. the LLaMA-2 32k `tokenizer.model`). Its ids are
-    plain `sp.encode(text)`, the reference LLaMA tokenization. transformers 5.x `AutoTokenizer` on a
-    directory we save gives the same ids (tested). A config naming transformers' `LlamaTokenizer` class
-    would not match: that class differs from sentencepiece on leading and repeated spaces, so `save()`
-    names the generic `PreTrainedTokenizerFast` instead.
-
-Special tokens in the text ("</s>", "<|user|>") are recognised by `encode` (as in transformers, so
-rendered chat templates work; for SentencePiece, its control pieces such as "<s>" and "</s>" and the
-pieces between them are encoded one by one, like transformers' LLaMA tokenizer); `parse_special=False` spells them out
-as ordinary text, which is what data preparation wants (a literal "</s>" in a web page is not an EOS).
-"""
+`HFTokenizer` wraps Hugging Face `tokenizers`; `SentencePieceTokenizer` wraps `sentencepiece` (ids are
+plain `sp.encode(text)`, which transformers' `PreTrainedTokenizerFast` reproduces on a directory we save;
+its `LlamaTokenizer` class differs on leading and repeated spaces, so `save()` never names it).
+`encode` recognises special tokens in the text, as transformers does, so rendered chat templates work;
+`parse_special=False` spells them out as ordinary text, which is what data preparation wants (a literal
+"</s>" in a web page is not an EOS)."""
 
 from __future__ import annotations
 
@@ -58,7 +50,6 @@ class Tokenizer:
     # `tokenizers` uses its own pool (TOKENIZERS_PARALLELISM / RAYON_NUM_THREADS decide).
     threads: int = -1
 
-    # ---- encoding --------------------------------------------------------------------
     def _encode_plain(self, texts: list[str], parse_special: bool) -> list[list[int]]:
         raise NotImplementedError
 
@@ -90,7 +81,6 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         raise NotImplementedError
 
-    # ---- identity and IO -------------------------------------------------------------
     def canonical_bytes(self) -> bytes:
         """The bytes the fingerprint hashes: the tokenizer file as `save()` writes it (canonical JSON for BPE)."""
         raise NotImplementedError
@@ -149,9 +139,6 @@ class Tokenizer:
         return f"<{type(self).__name__}: {self.describe()}>"
 
 
-# ======================================================================================
-# tokenizer.json (Hugging Face `tokenizers`)
-# ======================================================================================
 class HFTokenizer(Tokenizer):
     kind = "bpe"
     file_name = "tokenizer.json"
@@ -241,9 +228,6 @@ class HFTokenizer(Tokenizer):
         self.__init__(_Tk.from_str(state["json"]), state["config"], state["chat_template"])
 
 
-# ======================================================================================
-# tokenizer.model (SentencePiece)
-# ======================================================================================
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
     file_name = "tokenizer.model"
@@ -344,9 +328,6 @@ class SentencePieceTokenizer(Tokenizer):
         self.__init__(state["model"], state["config"], state["chat_template"])
 
 
-# ======================================================================================
-# loading
-# ======================================================================================
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer.json or tokenizer.model file, or a directory holding one (tokenizer.json preferred).
 
@@ -426,9 +407,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja")
 
 
-# ======================================================================================
-# training
-# ======================================================================================
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
@@ -445,9 +423,8 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a GPT-2 style byte-level BPE with Hugging Face `tokenizers`.
 
-    Special tokens get the lowest ids in the order pad, bos, eos, `<|role|>` per role, extra — so with
-    the defaults pad=0, bos=1, eos=2 (the ids ModelConfig assumes). No UNK is needed: every byte has a
-    token. `chat_template="default"` stores chat_template.default_chat_template; None leaves it out.
+    Special tokens get the lowest ids (pad, bos, eos, `<|role|>` per role, extra: the defaults give
+    pad=0, bos=1, eos=2, as ModelConfig assumes); every byte has a token, so no UNK is needed.
     """
     from tokenizers import Tokenizer as _Tk
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers

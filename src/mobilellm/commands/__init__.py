@@ -1,4 +1,2 @@
 """The `mobilellm` command line: one module per command, each with `register(subparsers)` and `run(args)`.
-
-Only this package parses arguments; the library modules it calls take plain values.
-"""
+Only this package parses arguments; the library modules it calls take plain values."""

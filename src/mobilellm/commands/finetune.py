@@ -1,9 +1,7 @@
 """`mobilellm finetune <model dir> --data train.jsonl`: supervised fine-tuning with the trainer.
 
-Defaults follow the paper's fine-tuning (docs/paper.md): lr 2e-5 with linear decay, weight decay 0.01,
-4 epochs. Same trainer, checkpoints, `--resume auto` and torchrun support as pretraining; any
-training-config key can be overridden with `--section.key value`.
-"""
+Defaults follow the paper's fine-tuning (docs/paper.md); the trainer, checkpoints, `--resume auto`,
+torchrun and `--section.key value` overrides are those of pretraining."""
 
 from __future__ import annotations
 

@@ -1,5 +1,3 @@
-"""Data: readers (text, JSON lines, parquet; gz/zst), `prepare` (text -> token shards + manifest.json),
-the packed training loader, and a built-in corpus for the quickstart.
+"""Data: readers, `prepare` (text -> token shards + manifest.json), the training loader, built-in corpora.
 
-Submodules are imported on use: `prepare` must not pull in torch, the loader needs it.
-"""
+Submodules are imported on use: `prepare` must not pull in torch, the loader needs it."""

@@ -1,13 +1,8 @@
 """Built-in corpora that need no download and ship no data: English text every Python installation has.
 
-  builtin:pydoc   the pydoc help topics (`help("FORMATTING")`), one document per topic, ~0.5 MB
-  builtin:stdlib  the docstrings of the standard library's pure-Python modules (read with `ast`,
-                  nothing is imported; a few seconds), one document per module, ~1.6 MB
-
-Use both for the most text (`--input builtin:pydoc --input builtin:stdlib`); they do not overlap.
-The text depends on the Python version (it is that version's documentation) and is otherwise fixed:
-topics and modules come in sorted order.
-"""
+`builtin:pydoc` is the pydoc help topics (~0.5 MB), `builtin:stdlib` the docstrings of the standard
+library's pure-Python modules (read with `ast`, nothing imported; ~1.6 MB); they do not overlap. The text
+depends only on the Python version: topics and modules come in sorted order."""
 
 from __future__ import annotations
 

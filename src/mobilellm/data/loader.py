@@ -1,21 +1,10 @@
 """The training loader: fixed-length samples from prepared token shards, exactly resumable.
 
-Samples. A split is one token stream (its shards concatenated). Sample i is the `seq_len + 1` tokens
-starting at i * seq_len; inputs are its first seq_len tokens, targets its last seq_len. Consecutive
-samples share one token, so every token is predicted once per epoch. Shards are memory-mapped.
-
-Order. The batch stream is one global sequence of sample positions 0, 1, 2, ... across epochs:
-position p is sample `perm_e(p mod n)` of epoch e = p // n, where perm_e is a seeded pseudo-random
-permutation computed pointwise (a Feistel network, no O(n) table, identical on every numpy version).
-Each step takes the next `global_batch = micro_batch * world_size` positions; rank r takes the r-th
-contiguous slice of micro_batch. DataLoader workers take whole steps round-robin, which the
-DataLoader hands back in order. The stream wraps into the next epoch mid-batch instead of dropping
-samples, so every sample is seen exactly once per epoch.
-
-State. `state_dict()` is the number of positions consumed (with epoch and offset for humans), the
-same on every rank. Resuming with another world size and the same global batch (more gradient
-accumulation steps) sees exactly the samples the uninterrupted run would have seen.
-"""
+A split is one memory-mapped token stream; sample i is the `seq_len + 1` tokens starting at i * seq_len.
+The order is a seeded pointwise permutation (a Feistel network: no O(n) table, identical on every numpy
+version) over one global sequence of positions across epochs, so every sample is seen exactly once per
+epoch and resuming with another world size and the same global batch sees the same samples.
+docs/data.md describes the sampling, the order and the state in full."""
 
 from __future__ import annotations
 
@@ -148,9 +137,6 @@ class PackedTokens:
         return state
 
 
-# ---- the sample order -------------------------------------------------------------------------
-
-
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -159,12 +145,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def permute(index: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
-    """perm(index) for a pseudo-random permutation of range(n) chosen by (seed, epoch).
-
-    A 4-round Feistel network on the smallest even number of bits that covers n is a bijection on
-    [0, 2^bits); "cycle walking" (re-applying it to values >= n) restricts it to [0, n). Pure integer
-    arithmetic: the order never changes with library versions, and no n-sized table is built.
-    """
+    """perm(index) for a pseudo-random permutation of range(n) chosen by (seed, epoch): a 4-round Feistel
+    network on the smallest even number of bits covering n, restricted to [0, n) by "cycle walking"
+    (re-applying it to values >= n). Pure integer arithmetic: no n-sized table, no library dependence."""
     bits = max(2, (n - 1).bit_length())
     bits += bits & 1
     half = np.uint64(bits // 2)
@@ -303,10 +286,9 @@ def validation_batches(data: PackedTokens, micro_batch: int, max_batches: int | 
                        world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's validation batches in fixed order (samples 0, 1, 2, ...; no shuffling).
 
-    Global batch b covers samples [b*G, (b+1)*G), G = micro_batch * world_size, rank r the r-th
-    slice; `max_batches` caps the number of global batches. Every rank yields the same number of
-    batches; the last one can be shorter, or empty (0 rows) on high ranks, so weight losses by
-    row count and sum across ranks: the result is then the same for every world size.
+    Global batch b covers samples [b*G, (b+1)*G), G = micro_batch * world_size, rank r the r-th slice.
+    The last batch can be short or empty on high ranks: weight losses by row count and sum across ranks,
+    and the result is the same for every world size.
     """
     if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise MobileLLMError(f"bad batch layout: micro_batch={micro_batch}, rank={rank}, world_size={world_size}")

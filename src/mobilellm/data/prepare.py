@@ -1,18 +1,9 @@
 """`mobilellm prepare`: documents -> flat train/val token shards + manifest.json.
 
-Layout of a split: every document becomes `[BOS] tokens EOS` (BOS where the tokenizer's add_bos says
-so), documents follow each other with nothing in between, and the stream is cut into shards of
-`shard_tokens` tokens (`train-00000.bin`, ...: raw little-endian uint16, or uint32 for vocabularies
-over 65536). A document may continue in the next shard; the loader reads a split as one stream.
-
-Determinism: the output depends only on the inputs, the tokenizer and the options. Documents keep
-input order (sources as given, files sorted, records in file order); the train/val split and the
-source weights are decided by a keyed hash of each document's text, and threads only tokenize
-(results are collected in submission order). Re-running gives byte-identical files.
-
-Atomicity: everything is built in a temporary directory beside the output and swapped in at the end
-(manifest last), so an interrupted run leaves the previous output, if any, untouched.
-"""
+Every document becomes `[BOS] tokens EOS`, concatenated and cut into shards of `shard_tokens` tokens
+(raw little-endian uint16, or uint32 for vocabularies over 65536). The output depends only on the
+inputs, the tokenizer and the options (re-running gives byte-identical files), and it is built in a
+temporary directory swapped in at the end. docs/data.md describes the layout and guarantees."""
 
 from __future__ import annotations
 
@@ -75,7 +66,6 @@ def parse_source(spec: str) -> Source:
     return Source(spec, weight, files)
 
 
-# ---- deterministic per-document decisions -----------------------------------------------------
 def _unit(data: bytes, key: bytes, purpose: bytes) -> float:
     """A uniform number in [0, 1) from a keyed hash of the document: same text, same seed, same answer."""
     digest = hashlib.blake2b(data, digest_size=8, key=key, person=purpose).digest()
@@ -156,10 +146,9 @@ def _encode_all(chunks: Iterator[_Chunk], tok: Tokenizer, dtype: str,
                 workers: int) -> Iterator[tuple[_Chunk, np.ndarray, np.ndarray]]:
     """Tokenize chunks in input order with two calls in flight.
 
-    The backends release the GIL while they work, so: a reader thread parses the next chunks, the
-    tokenizer's threads pick up the second call's documents while the first call's last (longest)
-    documents finish, the id-list -> array conversion of one call overlaps the other, and the caller
-    writes meanwhile. Results are taken in submission order, so threads never change the output.
+    The backends release the GIL, so a reader thread parses the next chunks, the second call keeps the
+    tokenizer's threads busy while the first call's longest documents finish, and the caller writes
+    meanwhile. Results are taken in submission order, so threads never change the output.
     """
     threads, tok.threads = tok.threads, workers  # sentencepiece's per-call thread count
     in_flight = 1 if workers == 1 else 2
@@ -219,7 +208,6 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
         thread.join()
 
 
-# ---- shard writing --------------------------------------------------------------------------
 class _ShardWriter:
     """Appends documents to `<split>-NNNNN.bin` files of exactly `shard_tokens` tokens (the last one fewer)."""
 
@@ -275,7 +263,6 @@ class _ShardWriter:
             self._fh = None
 
 
-# ---- the command ------------------------------------------------------------------------------
 def default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -319,9 +306,6 @@ def prepare(
     allow_truncated: bool = False,
 ) -> dict:
     """Tokenize `inputs` (specs as for `parse_source`) into `output`; returns the manifest.
-
-    A truncated or corrupt compressed input is an error; `allow_truncated` keeps the documents read
-    before the damage instead (warned about, and counted in the manifest's skips as damaged_file).
 
     `workers`: tokenizer threads (None or 0: one per core). sentencepiece honours it exactly;
     `tokenizers` uses one thread for workers=1, else its process-wide pool (see `configure_threads`).

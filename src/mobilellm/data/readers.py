@@ -1,14 +1,9 @@
 """Readers: input specs (files, folders, globs, `builtin:<name>`) -> documents as `str`.
 
-Formats by suffix: `.txt`/`.md` (one document per file, line or paragraph), `.jsonl`, `.json` (an array,
-one object, or JSON lines), `.parquet`; text formats may be `.gz` or `.zst` compressed.
-
-Problems with single documents or files are counted in a `Counter` and reading goes on; the caller
-reports the counts. What the user must fix (a missing path, an unsupported or corrupt file, a parquet
-file without the text column) raises MobileLLMError. A compressed file that is truncated or corrupt
-is such an error, naming the byte offset where its stream breaks; with `allow_truncated` the
-documents read before that point are kept, with a warning and a count ("damaged_file").
-"""
+Formats by suffix: .txt/.md, .jsonl, .json, .parquet; text formats may be .gz or .zst compressed.
+Problems with single documents or files are counted and reading goes on; what the user must fix (a
+missing path, an unsupported or corrupt file) raises MobileLLMError. A truncated or corrupt compressed
+stream is such an error unless `allow_truncated` keeps the documents before it (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -183,11 +178,7 @@ def read_documents(
     warn: Warn = warn_stderr,
     allow_truncated: bool = False,
 ) -> Iterator[str]:
-    """Yield the documents of one file, counting skips and repairs in `counts`.
-
-    allow_truncated: keep the documents read before the point where a compressed file is truncated
-    or corrupt (with a warning and a count) instead of raising.
-    """
+    """Yield the documents of one file, counting skips and repairs in `counts` (allow_truncated: module doc)."""
     path = Path(path)
     counts = Counter() if counts is None else counts
     kind, compression = format_of(path)
@@ -399,7 +390,6 @@ def _read_parquet(path: Path, text_field: str, counts: Counter) -> Iterator[str]
                 yield from _emit(text, counts)
 
 
-# ---- several inputs at once ---------------------------------------------------------------
 def read_spec(spec: str, text_field: str = "text", counts: Counter | None = None, txt_mode: str = "file",
               warn: Warn = warn_stderr, allow_truncated: bool = False) -> Iterator[str]:
     """The documents of one input spec: a path, folder, glob or `builtin:<name>`."""

@@ -1,8 +1,5 @@
-"""Evaluation: perplexity, the paper's zero-shot tasks scored as lm-evaluation-harness does, and an
-lm-eval model adapter. `evaluate(model, tokenizer, tasks, data_dir=..., manifest=...)` runs in-process.
-
-Kept import-light (the CLI imports every command module): the heavy parts load on first use.
-"""
+"""Evaluation: perplexity, the paper's zero-shot tasks scored as lm-evaluation-harness does, and an lm-eval
+adapter. Kept import-light (the CLI imports every command module): `evaluate` loads on first use."""
 
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
 """The on-device API-calling task of the MobileLLM paper, as a synthetic dataset and metrics.
 
-A user asks an assistant for something an app can do; the assistant answers with one API call on
-its first line, `api_name(arg="value", ...)`, then a short reply:
-
-    user:      Wake me up at 6:30 tomorrow, label it gym
-    assistant: set_alarm(time="6:30", label="gym")
-               Okay, your gym alarm is set for 6:30.
-
-Some conversations have a second request. The data is generated deterministically from a seed;
-test conversations never repeat a training request. Metrics: exact match of the intent (the API
-name) and of the structure (name and every argument), and ROUGE-1 / ROUGE-L F1 of the reply.
-"""
+The assistant answers with one API call on its first line, `set_alarm(time="6:30", label="gym")`, then
+a short reply. The data is generated deterministically from a seed; test conversations never repeat a
+training request. Metrics: exact match of the intent and of the structure, ROUGE-1 / ROUGE-L F1 of the reply."""
 
 from __future__ import annotations
 

@@ -156,9 +156,6 @@ def code_version() -> str:
     return __version__
 
 
-# ---- presentation --------------------------------------------------------------------------------
-
-
 def headline(name: str, res: dict) -> float | None:
     """The number the paper reports for a task: acc_norm where lm-eval has it (ARC, PIQA, HS, OBQA), else acc."""
     if "acc_norm" in res:

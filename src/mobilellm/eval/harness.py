@@ -1,14 +1,8 @@
 """lm-evaluation-harness adapter: `--model mobilellm --model_args pretrained=<model dir>`.
 
-lm-eval 0.4.x finds models only through its registry, filled when a module calls `register_model`
-(it reads no plugin entry points), so this module registers on import. From the shell:
-
-    python -m mobilellm.eval.harness --model mobilellm --model_args pretrained=runs/x/model --tasks piqa
-
-runs lm-eval's own command line (`lm_eval ...`, same arguments) with the adapter registered; in
-Python, `import mobilellm.eval.harness` before `lm_eval.simple_evaluate(model="mobilellm", ...)`.
-Layer-shared models work as they are (no unrolling): the network is ours.
-"""
+lm-eval 0.4.x finds models only through its registry (no plugin entry points), so this module calls
+`register_model` on import; `python -m mobilellm.eval.harness ...` is lm-eval's own command line with
+the adapter registered (docs/eval.md)."""
 
 from __future__ import annotations
 

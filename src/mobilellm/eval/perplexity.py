@@ -31,12 +31,10 @@ def windows_perplexity(model: MobileLLM, ids: list[int], window: int | None = No
                        limit: int | None = None, progress: bool = False) -> dict:
     """Perplexity of one long token stream.
 
-    stride None (the reference method): non-overlapping windows of `window` tokens, the tail
-    that does not fill a window dropped, each window's mean cross-entropy over its window-1
-    predictions, averaged over windows (equal weights, as every window has the same length).
-    stride s < window: windows start every s tokens and score only the tokens no earlier window
-    scored (each with up to window-1 tokens of context), the last partial window included.
-    limit: score only the first `limit` windows (quick runs).
+    stride None (the reference method): the mean over non-overlapping full windows of each window's mean
+    cross-entropy (a tail shorter than a window is dropped). stride s < window: windows every s tokens,
+    each scoring only the tokens no earlier window scored, the last partial window included.
+    limit: score only the first `limit` windows.
     """
     window = window or model.config.max_seq_len
     device = torch.device(device) if device is not None else model.output_weight.device

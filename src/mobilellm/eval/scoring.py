@@ -1,13 +1,9 @@
 """Batched log-likelihood of continuations given contexts, tokenized the way lm-eval's HF model does.
 
-Speed comes from three things lm-eval's `--model hf` does not do:
-  * requests that share a context (every choice of a multiple-choice question) are packed into one
-    row — context once, then each continuation as its own branch that sees the context and itself
-    (a tree attention mask, RoPE positions restarting after the context for every branch);
-  * the output projection and log-softmax run only at the positions that are scored, not (T, vocab);
-  * rows are sorted longest first and padded per batch.
-The numbers are the same as scoring each (context, continuation) pair alone.
-"""
+Faster than lm-eval's `--model hf` with the same numbers: requests that share a context are packed into
+one row (context once, each continuation a branch under a tree attention mask, RoPE positions restarting
+after the context), the output projection runs only at scored positions, and rows are sorted longest
+first and padded per batch."""
 
 from __future__ import annotations
 
@@ -91,7 +87,6 @@ class LoglikelihoodScorer:
             bar.close()
         return results  # type: ignore[return-value]
 
-    # ---- packing --------------------------------------------------------------------------------
     def _pack(self, pairs: list[tuple[list[int], list[int]]]) -> list[_Row]:
         """Group requests by identical context tokens; split a group that would not fit the context."""
         groups: dict[tuple[int, ...], _Row] = {}
@@ -120,7 +115,6 @@ class LoglikelihoodScorer:
         kept = full[-n_cont:]
         return _Row(context=full[:-n_cont], branches=[kept[:-1]], targets=[kept], request_ids=[rid])
 
-    # ---- one padded batch -----------------------------------------------------------------------
     def _run(self, batch: list[_Row]) -> list[tuple[float, bool]]:
         L = max(r.length() for r in batch)
         B = len(batch)

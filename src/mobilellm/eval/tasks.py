@@ -1,10 +1,7 @@
-"""Evaluation tasks: where each task's local file lives, how it is read, and the exact prompts.
+"""Evaluation tasks: where each task's local file lives (docs/eval.md), how it is read, and the prompts.
 
-Prompts follow lm-evaluation-harness 0.4.x task YAMLs (`doc_to_text`, `doc_to_choice`,
-`target_delimiter: " "`), so a request here is the same (context, continuation) string pair
-lm-eval would score. Every file is read from a local data folder (layout in docs/eval.md);
-nothing is downloaded.
-"""
+Prompts follow lm-evaluation-harness 0.4.x task YAMLs, so a request here is the same (context,
+continuation) pair lm-eval would score. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -163,8 +160,6 @@ def _boolq_label(doc: dict) -> int:
         return int(bool(answer))
     return int(doc["label"])
 
-
-# ---- the task table -----------------------------------------------------------------------------
 
 _ACC = ("acc",)
 _ACC_NORM = ("acc", "acc_norm")

@@ -1,9 +1,7 @@
 """Export a model directory to on-device runtimes: ExecuTorch (.pte), llama.cpp (.gguf), ONNX (.onnx).
 
-Each exporter reads a float or quantized model directory and writes one file atomically, reporting
-each stage with the time elapsed. The runtime packages are the `[export]` extra and are imported
-inside functions only.
-"""
+Each exporter writes one file atomically, reporting each stage with the time elapsed; the runtime
+packages (the `[export]` extra) are imported inside functions only."""
 
 from __future__ import annotations
 

@@ -1,20 +1,8 @@
 """GGUF export for llama.cpp: the `llama` architecture written with `gguf.GGUFWriter`.
 
-  * weights   F32, F16, Q8_0 or Q4_0 (gguf's own numpy quantizers); norms stay F32. A matrix whose
-              rows are not a multiple of 32 cannot hold Q8_0/Q4_0 blocks and is written F16. With
-              Q4_0 the embedding (which is also the output matrix) is written Q8_0, as llama.cpp's own
-              quantizer keeps that matrix at higher precision.
-  * q/k       permuted from the rotate-half (HF) layout to llama.cpp's interleaved RoPE layout, as
-              llama.cpp's converter does.
-  * sharing   tied embeddings store no `output.weight` (llama.cpp reuses `token_embd.weight`);
-              llama.cpp cannot repeat blocks, so a layer-shared model is written unrolled (each logical
-              layer gets its block's weights; the file grows accordingly).
-  * tokenizer byte-level BPE `tokenizer.json` -> `gpt2` model with tokens, merges, token types and a
-              pre-tokenizer name llama.cpp knows; SentencePiece `tokenizer.model` -> `llama` model with
-              scores and token types, which needs all 256 `<0xXX>` byte tokens.
-A quantized model is exported from its dequantized weights (the values it computes with; its
-quantized modules are replaced by float ones in place).
-"""
+Weights F32, F16, Q8_0 or Q4_0 (gguf's own quantizers); q/k are permuted to llama.cpp's interleaved
+RoPE layout; a layer-shared model is written unrolled (llama.cpp cannot repeat blocks); a quantized
+model is exported from its dequantized weights. docs/export.md has the details."""
 
 from __future__ import annotations
 
@@ -33,9 +21,6 @@ GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
 
 # token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-
-# ---- tokenizer metadata ---------------------------------------------------------------------
 
 
 def _bpe_pre_tokenizer_name(pre: dict | None) -> str:
@@ -116,9 +101,6 @@ def tokenizer_metadata(directory: Path, vocab_size: int) -> dict:
     meta.update(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, add_bos=tok.add_bos,
                 chat_template=tok.chat_template)
     return meta
-
-
-# ---- tensors -----------------------------------------------------------------------------------
 
 
 def permute_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -1,15 +1,8 @@
 """ONNX export with a KV cache, through `torch.onnx.export(..., dynamo=True)`.
 
-Graph signature (batch, sequence and past length are all dynamic):
-  inputs   input_ids (B, T) int64,
-           past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim) float32 for each logical layer i
-  outputs  logits (B, T, vocab),
-           present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
-The new tokens sit at positions P .. P+T-1 of every sequence (no padding inside the cache). Start
-with P = 0 (empty past arrays) and feed each step's `present` back as the next `past`. A layer-shared
-model calls its shared blocks at several logical layers; identical constants are merged after export,
-so its weights are stored once.
-"""
+The graph takes input_ids (B, T) and past_key_values.{i}.key/value per logical layer and returns logits
+and present.{i}.key/value (docs/export.md); batch, sequence and past length are dynamic. Identical
+constants are merged after export, so a layer-shared model stores its weights once."""
 
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
 """Supervised fine-tuning data: conversations -> token ids with an assistant-only loss -> packed rows.
 
-Inputs (JSONL, one example per line):
-  * conversations: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-  * prompt/completion pairs: {"prompt": "...", "completion": "..."} (a user turn and an assistant turn)
-
-Each example is rendered with the chat template stored in the model directory (the one `chat` and
-`serve` use), and only the tokens of assistant turns carry a loss. Packing puts several examples in
-one row without letting them see each other: positions restart at 0 for each example and the
-attention mask is block-diagonal (causal within an example only).
-"""
+Inputs are JSONL `{"messages": [...]}` or `{"prompt", "completion"}` lines, rendered with the model
+directory's chat template (the one `chat` and `serve` use). Packed examples never see each other:
+positions restart at 0 per example and the attention mask is block-diagonal (docs/finetune.md)."""
 
 from __future__ import annotations
 
@@ -187,10 +181,8 @@ def collate(rows: list[dict], row_ids: list[int] | None = None) -> dict:
 class SFTStream:
     """Endless micro-batches of packed rows for one rank, reshuffled every epoch with a seed.
 
-    Same contract as the pretraining BatchStream: each next() is one micro-step of all ranks
-    (global batch = micro_batch x world_size rows), and the state is the position in that order,
-    so a resumed run continues with the next unseen rows. Batches carry "row_ids" (indices into
-    `rows`, stable across epochs) for the distillation cache.
+    Same contract as the pretraining BatchStream (one next() is one micro-step of all ranks; the state is
+    the position in that order). Batches carry "row_ids" (indices into `rows`) for the distillation cache.
     """
 
     def __init__(self, rows: list[dict], micro_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):

@@ -1,18 +1,9 @@
 """The contract between the engine and a backend that runs the network.
 
-A backend owns the weights in its precision and a KV cache of `max_batch` rows (one slot per
-logical layer, from model.KVCache). The engine asks for:
-
-  prefill(row, ids)     run a prompt into an empty cache row (positions 0..P-1); logits (V,) of
-                        its last position
-  decode(rows, tokens)  one new token for each of these rows, at that row's next position;
-                        logits (len(rows), V)
-  free(row)             the row's sequence is finished
-
-Both return fp32 logits; a row's results never depend on which other rows run beside it.
-Backends: native.NativeBackend (one C call per step) and torch_backend.TorchBackend (PyTorch ops,
-optionally torch.compile'd); select.py picks one.
-"""
+A backend owns the weights in its precision and a KV cache of `max_batch` rows. prefill(row, ids) runs
+a prompt into an empty row and returns the logits (V,) of its last position; decode(rows, tokens) runs
+one token per row and returns logits (len(rows), V); free(row) ends a row. Logits are fp32, and a row's
+results never depend on which other rows run beside it. select.py picks native or torch."""
 
 from __future__ import annotations
 

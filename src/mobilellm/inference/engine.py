@@ -1,15 +1,9 @@
 """The generation engine: continuous batching over the KV-cache rows of one backend.
 
-A waiting request is prefilled alone into a free row (no padding, positions 0..P-1), then joins the
-decode batch: every step feeds each active row's last token at its own position. Rows are
-independent, so a request gets the same tokens whether it runs alone or beside others.
-`generate` (offline batch) and `stream` (one prompt) drive the `submit / step / cancel` loop here;
-the server drives the same loop from a background thread.
-
-Context policy: a prompt must leave room for at least one new token (prompt tokens < context), or
-`make_request` raises MobileLLMError; generation stops with finish_reason "length" when the
-sequence reaches the context (`max_seq_len`, or the smaller `max_len` given to the engine).
-"""
+A waiting request is prefilled alone into a free row, then joins the decode batch; rows are independent,
+so a request gets the same tokens whether it runs alone or beside others. `generate` and `stream` drive
+the `submit / step / cancel` loop here; the server drives it from a background thread. A prompt must
+leave room for one new token, and generation stops with "length" at the context."""
 
 from __future__ import annotations
 
@@ -114,7 +108,6 @@ class Engine:
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "peak_batch": 0}
         self.last: Completion | None = None  # set by stream()
 
-    # ---- sizes ----------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
         """Bytes of weights as held for decoding (an fp32/bf16 tied output matrix is the embedding)."""
         return self.backend.nbytes
@@ -130,7 +123,6 @@ class Engine:
                 ids.add(i)
         return ids
 
-    # ---- requests -------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise MobileLLMError("this model directory has no tokenizer; add tokenizer files or pass token ids")
@@ -173,7 +165,6 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.rows)
 
-    # ---- one scheduler step -----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Request]:
         """Admit waiting requests into free rows (prefill), then one decode step for all active rows.
@@ -251,7 +242,6 @@ class Engine:
             self.rows[req.row] = None
             self.backend.free(req.row)
 
-    # ---- drivers ------------------------------------------------------------------------------------
     def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams) -> list[Completion]:
         """Generate for many prompts, `max_batch` at a time (same tokens as one by one)."""
         requests = [self.make_request(p, params) for p in prompts]  # all checked before any runs

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas.
-
-    Decodes a short window of recent tokens, not the whole sequence, and emits only once the window
-    no longer ends in U+FFFD, i.e. once a multi-byte character split over byte-level tokens is
-    complete. `context` (the prompt's last tokens) gives SentencePiece the left context it needs to
-    keep a leading space on the first generated word.
-    """
+    """Turns a growing list of token ids into text deltas, decoding a short window of recent tokens and
+    emitting only once it no longer ends in U+FFFD (a multi-byte character split over byte-level tokens).
+    `context` (the prompt's last tokens) lets SentencePiece keep a leading space on the first new word."""
 
     CONTEXT_TOKENS = 6
 

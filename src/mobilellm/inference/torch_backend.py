@@ -1,12 +1,9 @@
 """The PyTorch backend: the network in the inference layout (layout.py) as PyTorch ops.
 
-Same math as model.MobileLLM with fewer and larger ops: 4 matrix products per block instead of 7,
-the residual adds fused into the output projections where the kernel allows, RoPE as one complex
-multiplication over queries and keys with the rotation table computed once, logits only where
-asked. About 20 calls per layer and token instead of about 55: at batch 1 on a CPU the time
-between kernels is as large as the kernels. Runs everywhere PyTorch does; `compile=True` runs the
-decode step through torch.compile with fixed shapes.
-"""
+Same math as model.MobileLLM in about 20 calls per layer and token instead of about 55 (fused q|k|v
+and gate|up products, residual adds fused where the kernel allows, RoPE as one complex multiplication):
+at batch 1 on a CPU the time between kernels is as large as the kernels. `compile=True` runs the decode
+step through torch.compile with fixed shapes."""
 
 from __future__ import annotations
 
@@ -32,11 +29,9 @@ def _onednn_available(dtype: torch.dtype) -> bool:
 def _linear(m: Matrix, precision: str, prepack: bool = True):
     """(x -> x @ W.T, (x, r) -> r + x @ W.T, bytes held) in the decode precision.
 
-    fp32 / bf16: oneDNN with the weight reordered once into its blocked layout (about twice the
-    speed of the default BLAS call for one-row products on some CPUs, e.g. AMD EPYC), the residual
-    add fused into the same call; a plain matmul where oneDNN is missing or prepack=False
-    (torch.compile packs weights itself). fp16 / int8: fbgemm's dynamic kernels, fp16 weights or the
-    layout's int8 rows (the quantizer's integers) with activations quantized per call; both return fp32.
+    fp32 / bf16: oneDNN with the weight prepacked once (about twice the default BLAS speed for one-row
+    products on some CPUs) and the residual add fused, else a plain matmul (no oneDNN, or prepack=False:
+    torch.compile packs weights itself). fp16 / int8: fbgemm's dynamic kernels, returning fp32.
     int4: the quantized arithmetic in fp32 (a reference, not a fast path).
     """
     if precision in ("fp32", "bf16"):

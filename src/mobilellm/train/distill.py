@@ -1,12 +1,8 @@
 """Knowledge distillation: loss = (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher_T || student_T).
 
-The teacher (any model directory with the same vocabulary) runs on the fly on each micro-batch,
-without gradients. Logits are formed chunk by chunk under activation checkpointing, so neither
-model's full tokens x vocabulary logits stay in memory.
-
-Fine-tuning sees the same packed rows every epoch, so the teacher's logits can be cached on disk
-(TeacherCache, `distill.cache_dir`): the teacher then runs once per row instead of once per epoch.
-"""
+The teacher (same vocabulary) runs without gradients on each micro-batch, logits formed chunk by chunk
+under activation checkpointing so neither model's full logits stay in memory. Fine-tuning sees the same
+rows every epoch, so TeacherCache (`distill.cache_dir`) can store the teacher's logits on disk."""
 
 from __future__ import annotations
 
@@ -56,10 +52,9 @@ def rows_fingerprint(rows: list[dict]) -> str:
 class TeacherCache:
     """The teacher's raw logits per training row, one float16 .npy file per row (row-00000042.npy).
 
-    Raw logits, not softened ones, so the temperature can change between runs. float16 keeps ~3
-    significant digits (relative error <= 2^-11). With top_k > 0 a row is an .npz of the k largest
-    logits (float16) and their token ids (int32) per position. Each file is written atomically: a
-    killed run leaves no half-written row, only a missing one that is recomputed.
+    Raw logits, so the temperature can change between runs (float16: relative error <= 2^-11). With
+    top_k > 0 a row is an .npz of the k largest logits and their token ids per position. Files are written
+    atomically: a killed run leaves only a missing row, which is recomputed.
     """
 
     def __init__(self, directory: Path, seq_len: int, vocab_size: int, top_k: int):

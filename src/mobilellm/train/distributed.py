@@ -1,8 +1,5 @@
-"""torch.distributed set-up for torchrun launches, and wrapping with DDP or FSDP2.
-
-One code path: a plain `python -m mobilellm train` is a world of size 1; under torchrun every
-process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment.
-"""
+"""torch.distributed set-up for torchrun launches, and wrapping with DDP or FSDP2. A plain `python -m
+mobilellm train` is a world of size 1; under torchrun every process reads RANK / WORLD_SIZE / LOCAL_RANK."""
 
 from __future__ import annotations
 

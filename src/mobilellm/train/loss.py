@@ -1,10 +1,8 @@
-"""Fused linear + cross-entropy: the loss straight from hidden states, chunk by chunk.
+"""Fused linear + cross-entropy: the loss straight from hidden states, chunk by chunk (as Liger does).
 
-The full logits tensor (tokens x vocab, 2 GiB in fp32 for 16k tokens of a 32k vocabulary) is
-never materialised: each chunk computes its logits, its loss and its gradients with respect to
-the hidden states and the output matrix in the forward pass, then frees the logits (the same
-idea as Liger's fused linear cross-entropy). Backward only scales the stored gradients.
-"""
+The full logits tensor (2 GiB in fp32 for 16k tokens of a 32k vocabulary) is never materialised: each
+chunk computes its logits, loss and gradients in the forward pass and frees the logits; backward only
+scales the stored gradients."""
 
 from __future__ import annotations
 

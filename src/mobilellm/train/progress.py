@@ -1,9 +1,6 @@
-"""The training progress bar: loss and LR from the first step, and an ETA that can be believed.
-
-The ETA comes from the measured time per step since the first step ended (the first one carries the
-start-up: compilation, allocator warm-up, data workers), not from tqdm's rate, which counts start-up;
-with a time limit it never runs past the limit.
-"""
+"""The training progress bar: loss and LR from the first step, and an ETA that can be believed: it comes
+from the time per step after the first (which carries compilation and warm-up), not tqdm's rate, and
+with a time limit it never runs past the limit."""
 
 from __future__ import annotations
 

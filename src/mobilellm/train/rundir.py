@@ -1,11 +1,5 @@
-"""One training at a time in a run folder, and never two runs mixed up in one.
-
-* `RunLock`: an exclusive lock on `<run dir>/.lock` (flock) that records who holds it (pid, host,
-  start time). The kernel drops the lock when its process dies, so a lock left by a killed run is
-  taken over, with a note that names the dead holder.
-* `start_point`: where a run starts (a checkpoint or from scratch), refusing a folder whose
-  checkpoints or final model belong to a run this one would not continue, unless `overwrite`.
-"""
+"""One training at a time in a run folder (RunLock, a flock the kernel drops when its holder dies), and
+never two runs mixed up in one (start_point refuses another run's folder unless `overwrite`)."""
 
 from __future__ import annotations
 

@@ -1,20 +1,12 @@
 """Run checkpoints: a model directory plus everything needed to continue exactly.
 
-    <run dir>/checkpoints/step-00000100/
-        model/                      a complete model directory (loads anywhere a model dir does)
-        trainer_state.json          step and token counters, data-loader position, RNG states, the
-                                    optimizer's hyper-parameters, the run id: plain JSON
-        trainer_state.safetensors   the optimizer's tensors and the torch RNG states
+    <run dir>/checkpoints/step-00000100/{model/, trainer_state.json, trainer_state.safetensors}
     <run dir>/final/                the model directory of the last step
 
-Neither file can carry code: loading one never runs anything from the checkpoint, whoever made it.
-Checkpoints of older versions (`trainer_state.pt`, a pickle) are refused; `mobilellm convert-state`
-rewrites them in this format, reading them with torch's restricted unpickler (tensors and plain values
-only), so converting runs no code either.
-
-Each checkpoint is built under a temporary name and renamed into place, so a crash or SIGKILL
-mid-save leaves the previous checkpoints intact; leftovers are removed at the next start.
-"""
+Neither file can carry code: loading one never runs anything from the checkpoint (docs/security.md).
+Older pickled checkpoints (`trainer_state.pt`) are refused; `mobilellm convert-state` rewrites them with
+torch's restricted unpickler. Checkpoints are built under a temporary name and renamed into place, so a
+crash mid-save leaves the previous ones intact."""
 
 from __future__ import annotations
 
@@ -211,15 +203,11 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-# ---- old checkpoints ---------------------------------------------------------------------------------
-
-
 def convert_legacy(checkpoint: Path) -> Path:
     """Rewrite an old-format checkpoint's trainer_state.pt as trainer_state.json + .safetensors.
 
-    The pickle is read with torch's weights-only unpickler, which builds tensors and plain values and
-    nothing else; the only extra types allowed are numpy's array and dtype (numpy's RNG state). A
-    file that needs anything more is refused: it is not a trainer state this project wrote.
+    The pickle is read with torch's weights-only unpickler (tensors and plain values, plus numpy's array
+    and dtype for its RNG state); a file that needs anything more is not a trainer state we wrote.
     """
     file = checkpoint / LEGACY_FILE
     if not file.is_file():

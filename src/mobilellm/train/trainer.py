@@ -83,9 +83,6 @@ class TrainResult:
         return out
 
 
-# ---- data -------------------------------------------------------------------------------------
-
-
 @dataclass
 class TrainData:
     """What the loop consumes. `stream`: this rank's endless micro-batches with state_dict() /
@@ -154,9 +151,6 @@ def as_batch(batch, device: torch.device) -> tuple[dict, int]:
         batch = {"inputs": batch[0], "targets": batch[1]}
     weight = batch.get("weight", batch["inputs"].shape[0])
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "weight"}, weight
-
-
-# ---- helpers ------------------------------------------------------------------------------------
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -259,18 +253,11 @@ def validation_loss(loss_module: CausalLMLoss, data: TrainData, env: Dist, autoc
     return total / rows if rows else None
 
 
-# ---- the run ------------------------------------------------------------------------------------
-
-
 def train(cfg: TrainConfig, resume: str | None = "auto", progress: bool = True,
           data_fn: Callable[[TrainConfig, ModelConfig, Dist], TrainData] | None = None,
           overwrite: bool = False) -> TrainResult:
-    """Run (or resume) training. data_fn builds the data (default: prepared token shards).
-
-    resume: auto (the run folder's newest checkpoint), none, or a checkpoint path. A run folder that
-    holds checkpoints or a final model this run would not continue is refused unless `overwrite`,
-    which starts afresh (or from the given checkpoint) and deletes them.
-    """
+    """Run (or resume) training. data_fn builds the data (default: prepared token shards); `resume` and
+    `overwrite` are as for rundir.start_point."""
     cfg.validate()
     env = setup(cfg.run.device)
     lock = RunLock(Path(cfg.run.out_dir))
