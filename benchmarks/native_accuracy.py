@@ -79,15 +79,16 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model)
+    window = min(args.window, model.config.max_seq_len - 1)  # a window and its target within the context
     ids = [t for text in gutenberg_texts("valid", args.eval_chars) for t in tokenizer.encode(text, bos=False)]
     names = T.resolve_task_names(args.tasks)
     examples = {n: T.load_examples(n, SHARED / "eval", args.limit) for n in names}
     rows, reference = [], None
     for precision in args.precisions.split(","):
         start = time.time()
-        max_len = min(model.config.max_seq_len, max(args.window + 1, args.max_len))
+        max_len = min(model.config.max_seq_len, max(window + 1, args.max_len))
         backend = build_backend(model, precision, backend="native", max_batch=1, max_len=max_len)
-        nll, n = window_nll(backend, ids, args.window)
+        nll, n = window_nll(backend, ids, window)
         scorer = NativeScorer(model, tokenizer, backend)
         res = {t: score_choice_task(scorer, examples[t], T.TASKS[t].metrics, t, per_example=True) for t in names}
         correct = [c for t in names for c in res[t]["correct"]]
@@ -97,7 +98,7 @@ def main() -> None:
         rows.append((precision, nll / n, accs, flipped, len(correct), backend.nbytes, time.time() - start))
         del backend
     base = rows[0][1]
-    print(f"{len(ids)} held-out tokens in windows of {args.window}; {args.limit} documents per task\n")
+    print(f"{len(ids)} held-out tokens in windows of {window}; {args.limit} documents per task\n")
     print("| precision | loss (nats) | perplexity | Δ perplexity | weights MiB | " + " | ".join(names)
           + " | avg | flipped | wall s |")
     print("|---" * (8 + len(names)) + "|")
