@@ -57,6 +57,20 @@ typedef struct {
 #define HAVE_AVX512 1
 #endif
 
+#if defined(__x86_64__)
+/* [sum a, sum b, sum c, sum d] of 4 vectors' lanes in about a quarter of the work of 4 separate
+   reductions (see reduce4_epi32); AVX-512F only, so the float path and the VNNI kernels share it */
+static inline __attribute__((target("avx2,fma,avx512f"))) __m128 reduce4_ps(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+    const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)), _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+#endif
+
 /* Weight element k of a float matrix m as fp32. */
 static inline float weight_at(const Matrix *m, size_t k) {
     switch (m->type) {
@@ -139,8 +153,11 @@ static void tile(const float *const *w, int nr, const float *x, int ldx, int nt,
                 for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(wk, xs[j], acc[i][j]);
             }
         }
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 4; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+        for (int j = 0; j < 4; j++) {
+            float sums[4];
+            _mm_storeu_ps(sums, reduce4_ps(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+            for (int i = 0; i < 4; i++) out[i][j] = sums[i];
+        }
         return;
     }
 #endif
@@ -188,6 +205,10 @@ static void softmax(float *scores, int len) {
 }
 
 /* q . k over one head (head_dim values) */
+/* scores[j] = q . k_j * scale for `len` cached keys (rows of hd values), 4 keys per step where
+   hd % 16 == 0 (one reduction for 4 scores: a 512-token prompt computes ~10^7 of them) */
+static void head_scores(const float *q, const float *K, int hd, int len, float scale, float *scores);
+
 static inline float dot_head(const float *q, const float *k, int hd) {
 #ifdef HAVE_AVX512
     if (hd % 16 == 0) {
@@ -197,6 +218,22 @@ static inline float dot_head(const float *q, const float *k, int hd) {
     }
 #endif
     return dot(q, k, hd);
+}
+
+static void head_scores(const float *q, const float *K, int hd, int len, float scale, float *scores) {
+    int j = 0;
+#ifdef HAVE_AVX512
+    if (hd % 16 == 0)
+        for (; j + 4 <= len; j += 4) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int d = 0; d < hd; d += 16) {
+                const __m512 qd = _mm512_loadu_ps(q + d);
+                for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(K + (size_t)(j + i) * hd + d), acc[i]);
+            }
+            _mm_storeu_ps(scores + j, _mm_mul_ps(reduce4_ps(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+        }
+#endif
+    for (; j < len; j++) scores[j] = dot_head(q, K + (size_t)j * hd, hd) * scale;
 }
 
 static inline void put(float *out, float value, int add) { *out = add ? *out + value : value; }
@@ -400,24 +437,15 @@ static AVX2 void dot4_i4_avx2(const uint8_t *u, const uint8_t *const *w, const f
     for (int i = 0; i < 4; i++) out[i] = hsum8f(acc[i]);
 }
 
-/* the sums of 4 vectors' lanes at once: two rounds of interleave-and-add leave, in each 128-bit
-   lane, [a b c d] partial sums, then the 4 lanes are added (a quarter of 4 separate reductions;
-   with 576-column rows the reductions cost as much as the products) */
+/* the sums of 4 vectors' lanes at once (reduce4_ps below, in int32): two rounds of interleave-and-add
+   leave, in each 128-bit lane, [a b c d] partial sums, then the 4 lanes are added (a quarter of 4
+   separate reductions; with 576-column rows the reductions cost as much as the products) */
 static VNNI inline __m128i reduce4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
     const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
     const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
     const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
     const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
     return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
-}
-
-static VNNI inline __m128 reduce4_ps(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-                                      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
 /* 4 rows times NT tokens (1 or 4): each weight vector loaded feeds NT tokens (prefill is
@@ -902,7 +930,7 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
                 const float *q = qkv + (size_t)t * qkv_dim + head * hd;
                 const size_t base = ((slot + rows[t]) * KV + head / group) * S * hd;
                 const float *K = net->k_cache + base, *V = net->v_cache + base;
-                for (int j = 0; j < len; j++) buf[j] = dot_head(q, K + (size_t)j * hd, hd) * scale;
+                head_scores(q, K, hd, len, scale, buf);
                 softmax(buf, len);
                 float *out = att + (size_t)t * H * hd + head * hd;
                 memset(out, 0, sizeof(float) * hd);
