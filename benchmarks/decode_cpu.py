@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -54,16 +53,10 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
-    """This worker's own peak: VmHWM restarts at exec, where ru_maxrss carries over the driver's peak
-    from fork (Linux: every row read the driver's ~705 MiB as its floor)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # this worker's own peak (VmHWM): ru_maxrss would carry over the driver's from fork
+    from mobilellm.sysinfo import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def prompt_ids(a, vocab: int) -> list[int]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,16 +37,10 @@ LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizers" / "llama2"
 
 
 def peak_rss() -> int:
-    """This process's own peak: VmHWM where Linux has it. ru_maxrss also counts the parent's peak
-    when the child was vforked (exec records the old mm's high-water mark), so the driver's size would leak in."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # this worker's own peak (VmHWM): ru_maxrss would carry over the driver's from fork
+    from mobilellm.sysinfo import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def rss_now() -> int:

@@ -77,3 +77,12 @@ def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
             tokens = torch.tensor([[nxt]])
             out.append(nxt)
     return out
+
+
+def one_thread():
+    """Torch (and the native kernels) on one thread for a test module: tiny models gain nothing from
+    threads, and spinning OpenMP workers crawl on a busy shared CPU. Test modules make it a fixture."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -41,13 +41,7 @@ def make_model_dir(root, preset: str = "mobilellm-tiny", seed: int = 0, **overri
     return model, tok
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and spinning OpenMP workers crawl on a busy shared CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="module", autouse=True)(conftest.one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
+
 from mobilellm.checkpoint import load_model_dir, save_model_dir
 from mobilellm.config import get_preset
 from mobilellm.inference import Engine, load_engine
@@ -26,12 +28,7 @@ def require_native():
         pytest.skip(f"native backend unavailable: {exc}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="module", autouse=True)(conftest.one_thread)
 
 
 def saved(root: Path, seed: int = 0, **overrides) -> tuple[MobileLLM, Path]:
@@ -109,5 +106,5 @@ def test_loading_a_mid_size_model_adds_little_beyond_its_weights(tmp_path, preci
         pytest.skip("cannot reset the peak RSS here")
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    limit = 1.15 * r["weights"] + r["cache"] + 24 * 2**20
+    limit = 1.15 * r["weights"] + r["cache"] + 32 * 2**20  # the old loader: +199 MiB fp32, +206 int8
     assert r["peak"] <= limit, f"loading peaked at {r['peak'] / 2**20:.0f} MiB over the start, limit {limit / 2**20:.0f}"
