@@ -259,15 +259,19 @@ def test_low_precision_weights_stay_close_to_fp32(plain_dir, weights, backend):
 
 
 @pytest.mark.parametrize("weights", ["fp32", "fp16"])
-def test_native_and_torch_backends_agree(plain_dir, weights):
-    """Same logits (to float rounding) over a prompt longer than one native prefill chunk, and the same
-    greedy tokens; the native library's KV cache equals the torch backend's."""
-    from mobilellm.inference.native import PREFILL_CHUNK
+@pytest.mark.parametrize("chunk", [None, 48])
+def test_native_and_torch_backends_agree(plain_dir, weights, chunk, monkeypatch):
+    """Same logits (to float rounding) over a 101-token prompt, and the same greedy tokens; the native
+    library's KV cache equals the torch backend's. The native prefill runs in chunks (two at the
+    default, three at 48 tokens), causal across calls."""
+    from mobilellm.inference import native as native_module
 
+    if chunk:
+        monkeypatch.setattr(native_module, "PREFILL_CHUNK", chunk)
     require_native()
     native = load_engine(plain_dir, precision=weights, backend="native", max_len=200)
     torch_engine = load_engine(plain_dir, precision=weights, backend="torch", max_len=200)
-    ids = [int(i) for i in torch.randint(0, native.config.vocab_size, (PREFILL_CHUNK + 37,),
+    ids = [int(i) for i in torch.randint(0, native.config.vocab_size, (101,),
                                          generator=torch.Generator().manual_seed(3))]
     with torch.inference_mode():
         logits = []

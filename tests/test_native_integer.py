@@ -196,3 +196,19 @@ def test_cpu_without_vnni_says_so_once(lib, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "avx2" in lines[0], lines
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_prefill_does_not_depend_on_its_chunks(lib, precision, monkeypatch):
+    """150 prompt tokens in the backend's prefill chunks give the logits and cache of the same prompt
+    in chunks of 40: every (row, token) product is computed alone, whichever call it is in."""
+    torch.manual_seed(0)
+    model = tiny(max_seq_len=160)
+    ids = torch.randint(3, 300, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    one = native.NativeBackend(copy.deepcopy(model), precision, max_batch=1, max_len=160)
+    whole = one.prefill(0, ids)
+    monkeypatch.setattr(native, "PREFILL_CHUNK", 40)
+    chunked = native.NativeBackend(copy.deepcopy(model), precision, max_batch=1, max_len=160)
+    parts = chunked.prefill(0, ids)
+    torch.testing.assert_close(whole, parts, rtol=0, atol=1e-5)
+    torch.testing.assert_close(one.cache.k[:, 0, :, :150], chunked.cache.k[:, 0, :, :150], rtol=0, atol=1e-5)
