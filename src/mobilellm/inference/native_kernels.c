@@ -236,6 +236,30 @@ static void head_scores(const float *q, const float *K, int hd, int len, float s
     for (; j < len; j++) scores[j] = dot_head(q, K + (size_t)j * hd, hd) * scale;
 }
 
+/* out = sum_j p[j] * V[j] over `len` cached values (rows of hd values); the sum kept in registers
+   where hd is a multiple of 16 up to 128 */
+static void weighted_values(const float *p, const float *V, int hd, int len, float *out) {
+#ifdef HAVE_AVX512
+    if (hd % 16 == 0 && hd <= 128) {
+        __m512 acc[8];
+        const int nv = hd / 16;
+        for (int v = 0; v < nv; v++) acc[v] = _mm512_setzero_ps();
+        for (int j = 0; j < len; j++) {
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            for (int v = 0; v < nv; v++) acc[v] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(V + (size_t)j * hd + 16 * v), acc[v]);
+        }
+        for (int v = 0; v < nv; v++) _mm512_storeu_ps(out + 16 * v, acc[v]);
+        return;
+    }
+#endif
+    memset(out, 0, sizeof(float) * hd);
+    for (int j = 0; j < len; j++) {
+        const float pj = p[j], *vj = V + (size_t)j * hd;
+#pragma omp simd
+        for (int k = 0; k < hd; k++) out[k] += pj * vj[k];
+    }
+}
+
 static inline void put(float *out, float value, int add) { *out = add ? *out + value : value; }
 
 #if defined(HAVE_AVX512) && defined(__AVX512BF16__)
@@ -923,8 +947,9 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
                 }
             }
             /* attention: each (token, head) over columns 0..position of the token's row; query
-               heads of one group read the same cached keys/values (no repeated copies) */
-#pragma omp for schedule(static)
+               heads of one group read the same cached keys/values (no repeated copies); dealt out
+               one by one, as a prefill's later tokens attend to more columns */
+#pragma omp for schedule(static, 1)
             for (int i = 0; i < n * H; i++) {
                 const int t = i / H, head = i % H, len = positions[t] + 1;
                 const float *q = qkv + (size_t)t * qkv_dim + head * hd;
@@ -932,13 +957,7 @@ int mobilellm_forward(const Net *net, int n, const int64_t *tokens, const int32_
                 const float *K = net->k_cache + base, *V = net->v_cache + base;
                 head_scores(q, K, hd, len, scale, buf);
                 softmax(buf, len);
-                float *out = att + (size_t)t * H * hd + head * hd;
-                memset(out, 0, sizeof(float) * hd);
-                for (int j = 0; j < len; j++) {
-                    const float p = buf[j], *vj = V + (size_t)j * hd;
-#pragma omp simd
-                    for (int k = 0; k < hd; k++) out[k] += p * vj[k];
-                }
+                weighted_values(buf, V, hd, len, att + (size_t)t * H * hd + head * hd);
             }
             matmul(&b->o, att, H * hd, n, x, D, 1, buf, xb, &qa, &qmine);
             norm_rows(x, b->ln2, D, n, net->eps, xs, small);
