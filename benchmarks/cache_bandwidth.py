@@ -73,8 +73,12 @@ double read_pattern(uint64_t *const *blocks, size_t words, const int *pattern, i
 
 
 def block_bytes(preset: str, precision: str) -> int:
-    """A layer block's weight bytes as the native backend holds them (native.integer_weights)."""
+    """A layer block's weight bytes as the native backend holds them (native._integer_specs: the
+    integer matrices' data, scales and sums; float ones at their element size)."""
+    import math
+
     from mobilellm.config import get_preset
+    from mobilellm.inference.native import _integer_specs
 
     cfg = get_preset(preset)
     hd = cfg.attn_head_dim
@@ -82,13 +86,11 @@ def block_bytes(preset: str, precision: str) -> int:
     shapes = [((cfg.n_heads + 2 * cfg.n_kv_heads) * hd, cfg.dim), (cfg.dim, cfg.n_heads * hd),
               (up_rows, cfg.dim), (cfg.dim, cfg.ffn_dim)]
     total = 2 * cfg.dim * 4  # the two norms
-    for rows, cols in shapes:
-        if precision == "int8":
-            total += rows * cols + rows * 8  # int8 values, a scale and an int32 sum per row
-        elif precision == "int4":
-            total += rows * cols // 2 + rows * (cols // 32) * 4 + rows * 4  # packed values, group scales, row sums
+    for shape in shapes:
+        if precision in ("int8", "int4"):
+            total += sum(math.prod(s) * dtype.itemsize for s, dtype in _integer_specs(shape, precision))
         else:
-            total += rows * cols * {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
+            total += math.prod(shape) * {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
     return total
 
 
