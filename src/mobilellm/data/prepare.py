@@ -45,10 +45,6 @@ class Source:
     weight: float = 1.0
     files: list[Path] = field(default_factory=list)  # empty for builtin corpora
 
-    @property
-    def input_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
-
 
 def parse_source(spec: str) -> Source:
     """`PATH`, `GLOB`, `builtin:NAME`, each optionally followed by `:WEIGHT` (a positive number)."""
