@@ -10,11 +10,12 @@ from pathlib import Path
 from mobilellm.errors import MobileLLMError
 
 
-def _status_kib(field: str) -> int | None:
+def proc_line(path: str, prefix: str | tuple[str, ...]) -> str | None:
+    """The first line of a /proc file that starts with `prefix`; None where there is none (or no /proc)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(prefix):
+                return line
     except OSError:
         pass
     return None
@@ -23,21 +24,16 @@ def _status_kib(field: str) -> int | None:
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process. VmHWM restarts at exec, where ru_maxrss would carry
     over the parent's size from fork (Linux); elsewhere ru_maxrss."""
-    kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
+    line = proc_line("/proc/self/status", "VmHWM:")
+    if line is not None:
+        return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def available_memory_bytes() -> int | None:
     """Memory the kernel could give this process now (MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    line = proc_line("/proc/meminfo", "MemAvailable:")
+    return None if line is None else int(line.split()[1]) * 1024
 
 
 def return_freed_memory() -> None:
@@ -57,14 +53,8 @@ def hardware() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    line = proc_line("/proc/cpuinfo", "model name")
+    cpu = line.split(":", 1)[1].strip() if line else platform.processor() or "CPU"
     return f"{cpu}, {os.cpu_count()} cores"
 
 

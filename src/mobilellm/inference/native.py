@@ -32,7 +32,7 @@ from mobilellm.inference.layout import Matrix as LayoutMatrix
 from mobilellm.inference.layout import block_weights, embedding_table, output_matrix
 from mobilellm.model import KVCache, MobileLLM, rope_cos_sin
 from mobilellm.precision import FLOAT_DTYPES, INT4_GROUP
-from mobilellm.sysinfo import return_freed_memory
+from mobilellm.sysinfo import proc_line, return_freed_memory
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 WEIGHT_TYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
@@ -82,13 +82,7 @@ def _compile_flags() -> list[str]:
 
 def _cpu_key() -> str:
     """What -march=native depends on: the CPU's feature flags (a cache shared by two machines stays right)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return proc_line("/proc/cpuinfo", ("flags", "Features")) or platform.processor() or platform.machine()
 
 
 def cache_dir() -> Path:
@@ -185,10 +179,6 @@ def qmatmul(data: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, precision:
         raise MobileLLMError("the native matrix product could not allocate its scratch memory")
     del keep
     return y
-
-
-def qmatmul_i8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return qmatmul(q, scale, x, "int8")
 
 
 @functools.cache
