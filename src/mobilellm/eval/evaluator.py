@@ -158,9 +158,7 @@ def code_version() -> str:
 
 def headline(name: str, res: dict) -> float | None:
     """The number the paper reports for a task: acc_norm where lm-eval has it (ARC, PIQA, HS, OBQA), else acc."""
-    if "acc_norm" in res:
-        return res["acc_norm"]
-    return res.get("acc")
+    return res["acc_norm"] if "acc_norm" in res else res.get("acc")
 
 
 def markdown_table(results: dict[str, dict]) -> str:

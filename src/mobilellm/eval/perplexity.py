@@ -60,7 +60,7 @@ def windows_perplexity(model: MobileLLM, ids: list[int], window: int | None = No
                 break
     spans = spans[:limit] if limit is not None else spans
     nll_sum, n_tokens, window_means = 0.0, 0, []
-    bar = _progress(len(spans), "perplexity") if progress else None
+    bar = progress_bar(len(spans), "perplexity", "win", progress)
     with torch.inference_mode():
         # equal-length spans batch together; a sliding window's last span may be shorter
         for group in _batches(spans, batch_size):
@@ -72,10 +72,8 @@ def windows_perplexity(model: MobileLLM, ids: list[int], window: int | None = No
             nll_sum += float(nll.sum())
             n_tokens += count * len(group)
             window_means += [float(x) / count for x in nll]
-            if bar is not None:
-                bar.update(len(group))
-    if bar is not None:
-        bar.close()
+            bar.update(len(group))
+    bar.close()
     mean_nll = sum(window_means) / len(window_means) if stride is None else nll_sum / n_tokens
     return {"ppl": math.exp(mean_nll), "loss": mean_nll, "tokens": n_tokens, "windows": len(spans),
             "window": window, "stride": stride}
@@ -87,7 +85,7 @@ def packed_loss(model: MobileLLM, samples: Iterable[torch.Tensor], n_samples: in
     device = torch.device(device) if device is not None else model.output_weight.device
     total = n_samples if limit is None else min(limit, n_samples)
     nll_sum, n_tokens, batch, done = 0.0, 0, [], 0
-    bar = _progress(total, "val") if progress else None
+    bar = progress_bar(total, "val", "win", progress)
     with torch.inference_mode():
         for sample in samples:
             if done + len(batch) >= total:
@@ -96,14 +94,12 @@ def packed_loss(model: MobileLLM, samples: Iterable[torch.Tensor], n_samples: in
             if len(batch) == batch_size:
                 nll_sum, n_tokens = _add_batch(model, batch, device, nll_sum, n_tokens)
                 done += len(batch)
-                if bar is not None:
-                    bar.update(len(batch))
+                bar.update(len(batch))
                 batch = []
         if batch:
             nll_sum, n_tokens = _add_batch(model, batch, device, nll_sum, n_tokens)
             done += len(batch)
-    if bar is not None:
-        bar.close()
+    bar.close()
     if n_tokens == 0:
         raise MobileLLMError("the validation split has no samples; prepare data with a held-out split")
     loss = nll_sum / n_tokens
@@ -131,7 +127,7 @@ def _batches(spans: list[tuple[int, int, int]], batch_size: int):
         yield group
 
 
-def _progress(total: int, desc: str):
+def progress_bar(total: int, desc: str, unit: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="win", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, disable=not enabled)

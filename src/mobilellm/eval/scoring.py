@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mobilellm.errors import MobileLLMError
+from mobilellm.eval.perplexity import progress_bar
 from mobilellm.model import MobileLLM
 
 
@@ -75,16 +76,14 @@ class LoglikelihoodScorer:
         rows = self._pack(pairs)
         rows.sort(key=lambda r: -r.length())  # longest first: an out-of-memory shows up at once
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        bar = _progress(len(pairs), desc) if self.progress else None
+        bar = progress_bar(len(pairs), desc, "req", self.progress)
         with torch.inference_mode():
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start:start + self.batch_size]
                 for rid, value in zip((i for r in batch for i in r.request_ids), self._run(batch)):
                     results[rid] = value
-                if bar is not None:
-                    bar.update(sum(len(r.request_ids) for r in batch))
-        if bar is not None:
-            bar.close()
+                bar.update(sum(len(r.request_ids) for r in batch))
+        bar.close()
         return results  # type: ignore[return-value]
 
     def _pack(self, pairs: list[tuple[list[int], list[int]]]) -> list[_Row]:
@@ -158,9 +157,3 @@ class LoglikelihoodScorer:
             acc[0] += float(token_lp[i])
             acc[1] = acc[1] and bool(greedy[i])
         return [(out[(b, k)][0], out[(b, k)][1]) for b, row in enumerate(batch) for k in range(len(row.request_ids))]
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, leave=False)
