@@ -126,10 +126,7 @@ def measure(path: str, runtime: str, threads: int, n_prompt: int, n_new: int) ->
 
         runner = OnnxRunner(path, threads=threads)
         load = time.perf_counter() - t0
-        vocab = None
-        for o in runner.session.get_outputs():
-            if o.name == "logits":
-                vocab = o.shape[-1]
+        vocab = next((o.shape[-1] for o in runner.session.get_outputs() if o.name == "logits"), None)
         first, times, out = _greedy(lambda toks, start: runner.forward(toks)[-1], prompt_ids(n_prompt, int(vocab)), n_new)
     else:
         raise MobileLLMError(f"unknown runtime {runtime!r}")

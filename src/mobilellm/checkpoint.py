@@ -295,11 +295,7 @@ def unrolled(model: MobileLLM) -> MobileLLM:
     with torch.device("meta"):
         out = MobileLLM(flat)
     out = out.to_empty(device=model.output_weight.device)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("layers."):
-            continue
-        state[key] = value
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}
     for logical, physical in enumerate(model.layer_to_block):
         for key, value in model.layers[physical].state_dict().items():
             state[f"layers.{logical}.{key}"] = value.clone()
@@ -418,7 +414,7 @@ def _load_quantized(directory: Path, hf: dict, state: dict[str, torch.Tensor], d
     cfg = config_from_hf(hf)
     spec = Q.scheme_from_name(quant.get("scheme", "?"), quant.get("group_size") or 32)
     emb = Q.embedding_quant(quant.get("embedding", "none"), quant.get("embedding_group_size") or 32)
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    state = _strip_prefix(state)
     with torch.device("meta"):
         model = MobileLLM(cfg)
     model = model.to_empty(device="cpu")

@@ -275,9 +275,8 @@ def table_rows(records: list[dict]) -> list[dict]:
         if r.get("curve"):
             final = r["curve"][-1]
             row.update(val_bpb=final["val_bpb"], train_split_loss=final["train_loss"], gap=final["gap"])
-        for key in ("decode_ms_fp32", "decode_ms_int8"):  # joined by benchmarks/study_latency.py
-            if key in r:
-                row[key] = r[key]
+        # joined by benchmarks/study_latency.py
+        row.update({key: r[key] for key in ("decode_ms_fp32", "decode_ms_int8") if key in r})
         rows.append(row)
     return rows
 
@@ -367,12 +366,10 @@ def write_plots(records: list[dict], rows: list[dict], out: Path, gap_rows: list
     save(fig, ax, "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["logical_layers"] for r in rows if r.get("val_loss") is not None]
-    ys = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
-    ax.scatter(xs, ys)
-    for r in rows:
-        if r.get("val_loss") is not None:
-            ax.annotate(r["run"], (r["logical_layers"], r["val_loss"]), fontsize=7)
+    scored = [r for r in rows if r.get("val_loss") is not None]
+    ax.scatter([r["logical_layers"] for r in scored], [r["val_loss"] for r in scored])
+    for r in scored:
+        ax.annotate(r["run"], (r["logical_layers"], r["val_loss"]), fontsize=7)
     ax.set(xlabel="logical layers (depth)", ylabel="validation loss", title="Final validation loss vs depth")
     save(fig, ax, "loss_vs_depth.png", legend=False)
 
@@ -499,15 +496,11 @@ def copy_results(source: Job, target: Job) -> None:
     print(f"study: {target.run_name} ({target.spec.name}): same run as {source.run_dir}, results copied")
 
 
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def run_in_workers(jobs: list[Job], n_jobs: int) -> None:
     """Train and evaluate `jobs` in up to n_jobs worker processes; each logs to <run>/study.log."""
-    gpus = _gpu_count()
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     pending, running, failed = list(jobs), {}, []
     free_slots = list(range(n_jobs))
     while pending or running:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from mobilellm.commands.options import parse_overrides, print_training_summary
 from mobilellm.errors import MobileLLMError
 from mobilellm.train.config import load
