@@ -104,7 +104,8 @@ class Engine:
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()  # guards `waiting` and cancellation flags across threads
-        self.eos_ids = self._eos_ids()
+        tok_eos = getattr(tokenizer, "eos_id", None)
+        self.eos_ids = {i for i in (tok_eos, self.config.eos_token_id) if isinstance(i, int) and i >= 0}
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "peak_batch": 0}
         self.last: Completion | None = None  # set by stream()
 
@@ -114,14 +115,6 @@ class Engine:
 
     def cache_bytes(self) -> int:
         return self.backend.cache_nbytes()
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        tok_eos = getattr(self.tokenizer, "eos_id", None)
-        for i in (tok_eos, self.config.eos_token_id):
-            if isinstance(i, int) and i >= 0:
-                ids.add(i)
-        return ids
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

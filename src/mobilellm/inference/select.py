@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-
 from mobilellm.errors import MobileLLMError
 from mobilellm.inference.backend import Backend
 from mobilellm.inference.layout import check_precision
@@ -22,21 +19,16 @@ def choose_backend(backend: str, compile: bool) -> str:
         return "torch"
     if backend == "torch":
         return "torch"
-    from mobilellm.inference.native import NativeUnavailable, library
+    from mobilellm.inference.native import NativeUnavailable, _note_once, library
 
     try:
         library()
     except NativeUnavailable as exc:
         if backend == "native":
             raise
-        _warn_once(f"mobilellm: using the torch backend ({exc})")
+        _note_once(f"mobilellm: using the torch backend ({exc})")
         return "torch"
     return "native"
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def build_backend(model, precision: str, *, backend: str = "auto", max_batch: int = 1, max_len: int,
