@@ -14,7 +14,6 @@ import re
 import time
 from pathlib import Path
 
-
 SOURCES = ["builtin:pydoc", "builtin:stdlib"]
 SAMPLE_PROMPT = "The built-in function"
 # fixed work: about 4 minutes on two quiet cores (benchmarks/RESULTS.md, quickstart)

@@ -286,21 +286,10 @@ def _check_output(output: Path, sources: list[Source]) -> None:
                                      f"choose an output directory outside the inputs")
 
 
-def prepare(
-    inputs: Sequence[str],
-    tokenizer: str | os.PathLike | Tokenizer,
-    output: str | os.PathLike,
-    *,
-    text_field: str = "text",
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    seed: int = 0,
-    workers: int | None = None,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    txt_mode: str = "file",
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    allow_truncated: bool = False,
-) -> dict:
+def prepare(inputs: Sequence[str], tokenizer: str | os.PathLike | Tokenizer, output: str | os.PathLike, *,
+            text_field: str = "text", val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0,
+            workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, txt_mode: str = "file",
+            progress: bool = True, log: Callable[[str], None] = print, allow_truncated: bool = False) -> dict:
     """Tokenize `inputs` (specs as for `parse_source`) into `output`; returns the manifest.
 
     `workers`: tokenizer threads (None or 0: one per core). sentencepiece honours it exactly;

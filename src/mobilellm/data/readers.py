@@ -56,10 +56,8 @@ def format_of(path: Path) -> tuple[str, str | None]:
         return "json", compression
     if base in PARQUET_SUFFIXES and compression is None:
         return "parquet", None
-    raise MobileLLMError(
-        f"unsupported input file {path}: expected .txt, .md, .jsonl, .json or .parquet "
-        f"(text formats optionally .gz or .zst compressed)"
-    )
+    raise MobileLLMError(f"unsupported input file {path}: expected .txt, .md, .jsonl, .json or .parquet "
+                         f"(text formats optionally .gz or .zst compressed)")
 
 
 def is_supported(path: Path) -> bool:
@@ -170,14 +168,8 @@ def _clean_surrogates(text: str, counts: Counter) -> str:
         return text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
 
 
-def read_documents(
-    path: str | Path,
-    text_field: str = "text",
-    counts: Counter | None = None,
-    txt_mode: str = "file",
-    warn: Warn = warn_stderr,
-    allow_truncated: bool = False,
-) -> Iterator[str]:
+def read_documents(path: str | Path, text_field: str = "text", counts: Counter | None = None, txt_mode: str = "file",
+                   warn: Warn = warn_stderr, allow_truncated: bool = False) -> Iterator[str]:
     """Yield the documents of one file, counting skips and repairs in `counts` (allow_truncated: module doc)."""
     path = Path(path)
     counts = Counter() if counts is None else counts
