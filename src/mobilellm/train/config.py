@@ -177,15 +177,13 @@ class TrainConfig:
         if self.batch.global_batch_tokens is not None:
             global_seqs, rem = divmod(self.batch.global_batch_tokens, self.data.seq_len)
             if rem or global_seqs % per_step:
-                raise MobileLLMError(
-                    f"batch.global_batch_tokens={self.batch.global_batch_tokens} is not a multiple of "
-                    f"micro_batch x seq_len x world_size = {self.batch.micro_batch} x {self.data.seq_len} x {world_size}"
-                )
+                raise MobileLLMError(f"batch.global_batch_tokens={self.batch.global_batch_tokens} is not a multiple "
+                                     f"of micro_batch x seq_len x world_size = {self.batch.micro_batch} x "
+                                     f"{self.data.seq_len} x {world_size}")
             accum = global_seqs // per_step
             if self.batch.grad_accum is not None and self.batch.grad_accum != accum:
-                raise MobileLLMError(
-                    f"batch.grad_accum={self.batch.grad_accum} contradicts global_batch_tokens (needs {accum})"
-                )
+                raise MobileLLMError(f"batch.grad_accum={self.batch.grad_accum} contradicts global_batch_tokens "
+                                     f"(needs {accum})")
             return accum, global_seqs
         accum = self.batch.grad_accum or 1
         if accum <= 0:
@@ -199,10 +197,6 @@ class TrainConfig:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-
-
-def _section_types(section_cls) -> dict[str, typing.Any]:
-    return typing.get_type_hints(section_cls)
 
 
 def _coerce(value, hint, where: str):
@@ -278,7 +272,7 @@ def set_value(cfg: TrainConfig, dotted: str, value) -> None:
         raise MobileLLMError(f"unknown config key {dotted!r}; use <section>.<key> with sections {sorted(SECTIONS)}")
     section_name, key = parts[0], parts[1]
     section = getattr(cfg, section_name)
-    hints = _section_types(type(section))
+    hints = typing.get_type_hints(type(section))
     if key not in hints:
         raise MobileLLMError(f"unknown config key {dotted!r}; {section_name} has {sorted(hints)}")
     if len(parts) > 2:  # model.overrides.vocab_size
