@@ -270,15 +270,13 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise MobileLLMError(
-            f"weights in {directory} do not match its config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-        )
+        raise MobileLLMError(f"weights in {directory} do not match its config: missing {missing[:3]}"
+                             f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                             f"{'...' if len(unexpected) > 3 else ''}")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise MobileLLMError(
-                f"weight {key} in {directory} has shape {tuple(state[key].shape)}, config expects {tuple(tensor.shape)}"
-            )
+            raise MobileLLMError(f"weight {key} in {directory} has shape {tuple(state[key].shape)}, config expects "
+                                 f"{tuple(tensor.shape)}")
     # assign=True: the loaded tensors become the parameters (no second copy of the weights in memory)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval()

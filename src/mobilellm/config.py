@@ -43,23 +43,17 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise MobileLLMError(f"model config: {name} must be a positive integer, got {value!r}")
         if self.head_dim is None and self.dim % self.n_heads != 0:
-            raise MobileLLMError(
-                f"model config: n_heads={self.n_heads} does not divide dim={self.dim}; "
-                "choose a head count that divides the width or set head_dim"
-            )
+            raise MobileLLMError(f"model config: n_heads={self.n_heads} does not divide dim={self.dim}; "
+                                 "choose a head count that divides the width or set head_dim")
         if self.n_heads % self.n_kv_heads != 0:
-            raise MobileLLMError(
-                f"model config: n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}"
-            )
+            raise MobileLLMError(f"model config: n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
         if self.attn_head_dim % 2 != 0:
             raise MobileLLMError(f"model config: head_dim={self.attn_head_dim} must be even for RoPE")
         if self.ffn_type not in FFN_TYPES:
             raise MobileLLMError(f"model config: unknown ffn_type {self.ffn_type!r}; choose from {FFN_TYPES}")
         if self.layer_sharing not in SHARING_STRATEGIES:
-            raise MobileLLMError(
-                f"model config: unknown layer_sharing strategy {self.layer_sharing!r}; "
-                f"choose from {SHARING_STRATEGIES}"
-            )
+            raise MobileLLMError(f"model config: unknown layer_sharing strategy {self.layer_sharing!r}; "
+                                 f"choose from {SHARING_STRATEGIES}")
         if not isinstance(self.share_repeats, int) or self.share_repeats < 1:
             raise MobileLLMError(f"model config: share_repeats must be >= 1, got {self.share_repeats!r}")
         if self.layer_sharing == "none" and self.share_repeats != 1:

@@ -208,9 +208,8 @@ def resolve_task_names(spec: str | list[str] | tuple[str, ...]) -> list[str]:
         expanded = ALIASES.get(item, (item,))
         for name in expanded:
             if name not in TASKS:
-                raise MobileLLMError(
-                    f"unknown task {name!r}; choose from {', '.join(TASKS)} (or 'paper' for the eight zero-shot tasks)"
-                )
+                raise MobileLLMError(f"unknown task {name!r}; choose from {', '.join(TASKS)} "
+                                     "(or 'paper' for the eight zero-shot tasks)")
             if name not in names:
                 names.append(name)
     if not names:

@@ -125,10 +125,8 @@ class Engine:
         if not prompt_ids:
             raise MobileLLMError("empty prompt: give at least one token (or enable BOS in the tokenizer)")
         if len(prompt_ids) >= self.max_len:
-            raise MobileLLMError(
-                f"prompt has {len(prompt_ids)} tokens but the context is {self.max_len}: "
-                "shorten the prompt (at least one token must fit after it)"
-            )
+            raise MobileLLMError(f"prompt has {len(prompt_ids)} tokens but the context is {self.max_len}: "
+                                 "shorten the prompt (at least one token must fit after it)")
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.config.vocab_size)]
         if bad:
             raise MobileLLMError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
