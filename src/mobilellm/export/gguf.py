@@ -53,10 +53,9 @@ def _bpe_metadata(directory: Path, vocab_size: int) -> dict:
     n = max(tokens) + 1
     if n > vocab_size:
         raise MobileLLMError(f"tokenizer has {n} tokens but the model's vocab_size is {vocab_size}")
-    token_list, type_list = [], []
-    for i in range(vocab_size):  # ids the tokenizer never produces (a padded embedding) get filler names
-        token_list.append(tokens.get(i, f"[PAD{i}]"))
-        type_list.append(types.get(i, UNUSED))
+    # ids the tokenizer never produces (a padded embedding) get filler names
+    token_list = [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    type_list = [types.get(i, UNUSED) for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if not merges:
         raise MobileLLMError("tokenizer.json has no merges; llama.cpp needs a trained BPE")
