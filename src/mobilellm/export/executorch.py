@@ -13,6 +13,7 @@ scales (quantize.py follows torchao's numerics), which XNNPACK lowers to its int
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from mobilellm.errors import MobileLLMError
 from mobilellm.export.stages import Stages
 from mobilellm.fileio import atomic_path
-from mobilellm.model import MobileLLM
+from mobilellm.model import MobileLLM, RMSNorm
 
 PTE_QUANTS = ("fp32", "w8a8", "8da4w")
 
@@ -30,8 +31,8 @@ PTE_QUANTS = ("fp32", "w8a8", "8da4w")
 class _BufferCache:
     """cache.update for model.Block inside the exported program: K/V buffers written at input_pos.
 
-    Attention then runs over the whole cache, masked to the positions each query may see; the keys
-    come back repeated over each GQA group, which XNNPACK lowers (the grouped form it does not).
+    Attention then runs over the whole cache (1, KV, max_len, hd), masked to the positions each query
+    may see; _sdpa_as_bmm shares each key head among its query group without repeating the keys.
     """
 
     def __init__(self, program: "ExecuTorchLM", input_pos: torch.Tensor):
@@ -41,8 +42,39 @@ class _BufferCache:
         k_cache, v_cache = getattr(self.program, f"k_cache_{layer}"), getattr(self.program, f"v_cache_{layer}")
         k_cache.index_copy_(2, self.input_pos, k)  # (1, KV, max_len, hd)
         v_cache.index_copy_(2, self.input_pos, v)
-        group = self.program.group
-        return k_cache.repeat_interleave(group, dim=1), v_cache.repeat_interleave(group, dim=1)  # (1, H, max_len, hd)
+        return k_cache, v_cache
+
+
+def _sdpa_as_bmm(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention as the ops XNNPACK lowers with a dynamic token count: batched matmuls
+    over (KV, group * T, hd) query rows, an additive mask and a softmax. torch's own decomposition adds
+    ops XNNPACK has not (a repeat of the keys, a check for fully masked rows, scalar multiplies),
+    each of which splits the graph into one more delegate. Every query sees its own key, so no row
+    is fully masked. q (1, H, T, hd); k, v (1, KV, L, hd); attn_mask (T, L) additive."""
+    _, n_heads, _, hd = q.shape
+    n_kv, length = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    # -1, not T: XNNPACK takes reshapes whose only unknown size is inferred, not symbolic ones
+    q_rows = (q * scale).contiguous().view(n_kv, -1, hd)  # a group's heads are adjacent: (KV, group*T, hd)
+    scores = torch.bmm(q_rows, k.view(n_kv, length, hd).transpose(1, 2))  # (KV, group*T, L)
+    scores = (scores.view(n_kv, n_heads // n_kv, -1, length) + attn_mask).view(n_kv, -1, length)
+    y = torch.bmm(torch.softmax(scores, dim=-1), v.view(n_kv, length, hd))  # (KV, group*T, hd)
+    # the layout torch's SDPA returns, (1, T, H, hd) in memory, which Attention's reshape expects
+    return y.view(1, n_heads, -1, hd).transpose(1, 2).contiguous().transpose(1, 2)
+
+
+class _RMSNormByMatmul(nn.Module):
+    """model.RMSNorm with the mean of squares as a product with a constant (1, dim) row of 1/dim:
+    XNNPACK has no mean over the last axis of a 3-D tensor, and each op it lacks splits the graph."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+        dim = norm.weight.shape[0]
+        self.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(F.linear(x * x, self.mean_row) + self.eps))
 
 
 class ExecuTorchLM(nn.Module):
@@ -53,7 +85,6 @@ class ExecuTorchLM(nn.Module):
         super().__init__()
         cfg = model.config
         self.model = model
-        self.group = cfg.n_heads // cfg.n_kv_heads
         cache_shape = (1, cfg.n_kv_heads, max_len, cfg.attn_head_dim)
         for layer in range(cfg.n_logical_layers):
             self.register_buffer(f"k_cache_{layer}", torch.zeros(cache_shape), persistent=False)
@@ -61,7 +92,9 @@ class ExecuTorchLM(nn.Module):
         self.register_buffer("key_positions", torch.arange(max_len), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        mask = self.key_positions[None, :] <= input_pos[:, None]  # (T, max_len): causal over the cache
+        visible = self.key_positions[None, :] <= input_pos[:, None]  # (T, max_len): causal over the cache
+        # additive, made once: a boolean mask makes SDPA's decomposition test it again in every layer
+        mask = torch.where(visible, 0.0, float("-inf"))
         hidden = self.model.hidden_states(tokens, cache=_BufferCache(self, input_pos), positions=input_pos,
                                           attn_mask=mask)
         return F.linear(hidden, self.model.output_weight)  # (1, T, vocab)
@@ -135,21 +168,40 @@ _XNNPACK_PASSES = ("XNNPACKRemoveCloneOpsTransform", "DimOrderOpsRevertPass", "C
 
 
 @contextlib.contextmanager
-def _decoder_xnnpack_passes():
-    """While lowering, XNNPACK's default pass list is _XNNPACK_PASSES (an explicit list is kept)."""
+def _decoder_lowering():
+    """While lowering: XNNPACK's default pass list is _XNNPACK_PASSES (an explicit list is kept), and
+    ExecuTorch's decomposition table turns SDPA into _sdpa_as_bmm (in its own decomposition pass,
+    not in one more of ours: each pass re-traces the whole graph)."""
     from executorch.backends.xnnpack import _passes, xnnpack_preprocess
+    from executorch.exir.program import _program
 
-    default = xnnpack_preprocess.XNNPACKPassManager
+    default_passes, default_table = xnnpack_preprocess.XNNPACKPassManager, _program._default_decomposition_table
 
-    class DecoderPasses(default):
+    class DecoderPasses(default_passes):
         def __init__(self, exported_program, passes=None):
             super().__init__(exported_program, passes or [getattr(_passes, n) for n in _XNNPACK_PASSES])
 
-    xnnpack_preprocess.XNNPACKPassManager = DecoderPasses
+    def decoder_table():
+        return {**default_table(), torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_bmm}
+
+    xnnpack_preprocess.XNNPACKPassManager, _program._default_decomposition_table = DecoderPasses, decoder_table
     try:
         yield
     finally:
-        xnnpack_preprocess.XNNPACKPassManager = default
+        xnnpack_preprocess.XNNPACKPassManager, _program._default_decomposition_table = default_passes, default_table
+
+
+def _decoder_partitioner():
+    """XnnpackPartitioner without its per-node check of the ops it keeps whole (linear and the torchao
+    quantization ops): every linear here has constant weights, which XNNPACK takes, and without the
+    check ExecuTorch decomposes the graph once instead of twice (a whole-graph re-trace each)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class DecoderPartitioner(XnnpackPartitioner):
+        def ops_to_not_decompose(self, ep):
+            return super().ops_to_not_decompose(ep)[0], None
+
+    return DecoderPartitioner()
 
 
 def check_pte_quant(model: MobileLLM, quant: str) -> None:
@@ -185,6 +237,8 @@ def prepare_for_pte(model: MobileLLM, quant: str, group_size: int = 32, embeddin
     for name, mod in list(model.named_modules()):  # int8-activation linears: torchao tensors XNNPACK lowers
         if isinstance(mod, Q.QuantizedLinear):
             Q.set_module(model, name, _torchao_linear(mod))
+        elif isinstance(mod, RMSNorm):
+            Q.set_module(model, name, _RMSNormByMatmul(mod))
     return model
 
 
@@ -219,7 +273,6 @@ def export_pte(model: MobileLLM, output: str | Path, *, quant: str = "fp32", gro
     if max_len < 2:
         raise MobileLLMError("--max-len must be at least 2")
     try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     except ImportError:
         raise MobileLLMError("ExecuTorch export needs the export extra: pip install 'mobilellm[export]'") from None
@@ -237,11 +290,11 @@ def export_pte(model: MobileLLM, output: str | Path, *, quant: str = "fp32", gro
         example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
         ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
         stages("lower: XNNPACK partitioning and lowering")
-        # IR validity re-checks every edge op; torch.export already checked the graph (~15% of lowering)
-        with _decoder_xnnpack_passes():
-            lowered = to_edge_transform_and_lower(
-                ep, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
-            )
+        # IR validity re-checks every edge op; torch.export already checked the graph (~15% of lowering).
+        # Dim-order ops: one more whole-graph pass (~15%) for layouts this graph never changes.
+        config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
+        with _decoder_lowering():
+            lowered = to_edge_transform_and_lower(ep, partitioner=[_decoder_partitioner()], compile_config=config)
         stages("serialize: ExecuTorch program")
         program = lowered.to_executorch()
     output = Path(output)
