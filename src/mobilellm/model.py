@@ -42,8 +42,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x (B, H, T, hd); cos/sin (T, hd) or (B, T, hd)."""
     if cos.dim() == 3:  # per-sequence positions: broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # slices, not chunk: XNNPACK lowers slices, not split
+    x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
