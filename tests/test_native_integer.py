@@ -184,7 +184,7 @@ def test_cpu_without_vnni_says_so_once(lib, capsys):
     if native.integer_isa("avx2") != "avx2":
         native.integer_isa(best)
         pytest.skip(f"this CPU has no avx2 (best: {best})")
-    native._note_once.cache_clear()
+    native.note_once.cache_clear()
     try:
         model = tiny()
         backend = native.NativeBackend(copy.deepcopy(model), "int8", max_batch=1, max_len=16)
@@ -192,7 +192,7 @@ def test_cpu_without_vnni_says_so_once(lib, capsys):
         logits = backend.prefill(0, [1, 2, 3])
     finally:
         native.integer_isa(best)
-        native._note_once.cache_clear()
+        native.note_once.cache_clear()
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "avx2" in lines[0], lines
     assert torch.isfinite(logits).all()

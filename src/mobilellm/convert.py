@@ -16,7 +16,7 @@ import torch
 
 from mobilellm.checkpoint import config_from_hf, save_model_dir
 from mobilellm.errors import MobileLLMError
-from mobilellm.export.gguf import _BLOCK_NAMES
+from mobilellm.export.gguf import GGUF_BLOCK_NAMES
 from mobilellm.fileio import atomic_dir, write_text_atomic
 from mobilellm.model import MobileLLM
 from mobilellm.precision import float_dtype
@@ -26,7 +26,7 @@ ARCHITECTURES = ("llama",)
 # what gguf.quants.dequantize reads and llama.cpp's llama models use
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 BPE_PRE_TOKENIZERS = ("gpt-2", "smollm")
-_BLOCK = {theirs: ours for ours, theirs in _BLOCK_NAMES.items()}  # the exporter's names, read back
+_BLOCK = {theirs: ours for ours, theirs in GGUF_BLOCK_NAMES.items()}  # the exporter's names, read back
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types (the same numbers as SentencePiece's piece types)
 
 

@@ -108,7 +108,7 @@ def permute_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-_BLOCK_NAMES = {
+GGUF_BLOCK_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
@@ -126,7 +126,7 @@ def gguf_tensors(model: MobileLLM) -> list[tuple[str, np.ndarray]]:
     state = {k: v.detach().float().cpu() for k, v in float_modules(model).state_dict().items()}
     out = [("token_embd.weight", state["embed_tokens.weight"].numpy())]
     for logical, physical in enumerate(model.layer_to_block):
-        for ours, theirs in _BLOCK_NAMES.items():
+        for ours, theirs in GGUF_BLOCK_NAMES.items():
             w = state[f"layers.{physical}.{ours}.weight"].numpy()
             if ours == "self_attn.q_proj":
                 w = permute_rotate_half(w, cfg.n_heads)

@@ -182,7 +182,7 @@ def qmatmul(data: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, precision:
 
 
 @functools.cache
-def _note_once(message: str) -> None:
+def note_once(message: str) -> None:
     print(message, file=sys.stderr)
 
 
@@ -255,7 +255,7 @@ class NativeBackend(Backend):
         super().__init__(model.config, precision, max_batch, max_len)
         self.lib = library()
         if precision in ("int8", "int4") and integer_isa() in ISAS[:2]:
-            _note_once(f"mobilellm: the integer kernels use {integer_isa()} "
+            note_once(f"mobilellm: the integer kernels use {integer_isa()} "
                        "(this CPU has neither AVX-512 VNNI nor ARM dot products)")
         cfg = self.config
         self.cache = KVCache(cfg, max_batch, max_len, device="cpu")  # fp32, contiguous

@@ -19,14 +19,14 @@ def choose_backend(backend: str, compile: bool) -> str:
         return "torch"
     if backend == "torch":
         return "torch"
-    from mobilellm.inference.native import NativeUnavailable, _note_once, library
+    from mobilellm.inference.native import NativeUnavailable, library, note_once
 
     try:
         library()
     except NativeUnavailable as exc:
         if backend == "native":
             raise
-        _note_once(f"mobilellm: using the torch backend ({exc})")
+        note_once(f"mobilellm: using the torch backend ({exc})")
         return "torch"
     return "native"
 
